@@ -1,0 +1,143 @@
+"""GGUF checkpoints (llama.cpp) via the `gguf` package: metadata -> ModelConfig, tensors -> weight pytree.
+
+Quantized tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized here with `gguf.quants.dequantize`.
+llama.cpp stores Q/K projections permuted for its interleaved RoPE; we undo that so the weights use HF's
+rotate-half layout, which is what jaxinfer's model (and HF transformers) implement.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jaxinfer.config import ModelConfig, UnsupportedModelError
+from jaxinfer.loaders.common import CheckpointError, build_params
+
+_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
+
+# GGUF tensor name (under blk.N.) -> HF name (under model.layers.N.)
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+
+
+def open_gguf(path: str):
+    import gguf
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
+        raise CheckpointError(f"corrupt or unreadable GGUF file {path}: {type(e).__name__}: {e}") from e
+
+
+def _field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def config_from_gguf(reader, name: str = "") -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; jaxinfer supports {sorted(_GGUF_ARCHS)}")
+    a = arch
+    hidden = int(_field(reader, f"{a}.embedding_length"))
+    heads = int(_field(reader, f"{a}.attention.head_count"))
+    kv_heads = int(_field(reader, f"{a}.attention.head_count_kv", heads))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = _field(reader, f"{a}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    rope_scaling = None
+    if _field(reader, f"{a}.rope.scaling.type") == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{a}.rope.scaling.factor"))}
+    if "rope_freqs.weight" in tensor_names:
+        raise UnsupportedModelError("GGUF with precomputed rope_freqs (Llama 3.1 scaling) is not supported yet; "
+                                    "load the HF safetensors checkpoint instead")
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{a}.feed_forward_length")),
+        num_layers=int(_field(reader, f"{a}.block_count")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=int(_field(reader, f"{a}.attention.key_length", hidden // heads)),
+        rms_norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+        rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
+        max_position_embeddings=int(_field(reader, f"{a}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        sliding_window=None,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(int(eos),) if eos is not None else (),
+        architecture=_GGUF_ARCHS[arch],
+        name=name or str(_field(reader, "general.name", "")),
+    )
+
+
+def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert permutation (interleaved pairs -> rotate-half halves) on [out, ...]."""
+    head_dim = w.shape[0] // n_heads
+    rest = w.shape[1:]
+    return w.reshape(n_heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensor_getter(reader, config: ModelConfig):
+    """`get(hf_name) -> np.ndarray` in HF layout over a GGUF file."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    by_hf_name = {}
+    for t in reader.tensors:
+        if t.name in _GLOBAL_NAMES:
+            by_hf_name[_GLOBAL_NAMES[t.name]] = t
+        elif t.name.startswith("blk."):
+            _, layer, rest = t.name.split(".", 2)
+            if rest in _LAYER_NAMES:
+                by_hf_name[f"model.layers.{layer}.{_LAYER_NAMES[rest]}"] = t
+
+    def get(hf_name: str) -> np.ndarray:
+        t = by_hf_name[hf_name]  # KeyError -> "missing tensor" in build_params
+        hf_shape = tuple(int(d) for d in reversed(t.shape))
+        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            data = np.asarray(t.data)
+            if t.tensor_type == GGMLQuantizationType.BF16:
+                data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            data = dequantize(t.data, t.tensor_type)
+        data = np.asarray(data, dtype=np.float32).reshape(hf_shape)
+        if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
+            data = _unpermute_rope(data, config.num_heads)
+        elif hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
+            data = _unpermute_rope(data, config.num_kv_heads)
+        return data
+
+    return get
+
+
+def load_gguf(path: str, dtype):
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, name=os.path.basename(path))
+    try:
+        params = build_params(config, gguf_tensor_getter(reader, config), dtype, desc=f"loading {os.path.basename(path)}")
+    except (ValueError, IndexError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"corrupt tensor data in GGUF file {path}: {e}") from e
+    return config, params

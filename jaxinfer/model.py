@@ -1,0 +1,87 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) as Flax linen modules.
+
+`LlamaModel.apply({"params": params}, kv_cache, batch)` is a pure function of the weights, the paged KV cache
+and a flat ragged batch (docs/ARCHITECTURE.md). Prefill chunks and decodes of many sequences share one call.
+Layers are unrolled with separate per-layer weights: on XLA CPU, slicing stacked weights copies them per step.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.attention import DEFAULT_CHUNK_BLOCKS, paged_attention, token_block_tables, write_kv
+from jaxinfer.batch import StepBatch
+from jaxinfer.config import ModelConfig
+from jaxinfer.layers import apply_rope, linear, rms_norm, rope_inv_freq, rope_tables
+
+_init = nn.initializers.normal(0.02)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+    attention_backend: str
+    matmul_backend: str
+
+    def _w(self, name, shape, init=_init):
+        return self.param(name, init, shape, self.dtype)
+
+    @nn.compact
+    def __call__(self, x, kv, batch: StepBatch, cos, sin, token_tables):
+        c = self.config
+        d, hd, h, kvh = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
+        lin = lambda v, name, shape, bias=None: linear(v, self._w(name, shape), bias, matmul_backend=self.matmul_backend)
+        bias = (lambda name, n: self._w(name, (n,), nn.initializers.zeros)) if c.attention_bias else (lambda *_: None)
+
+        hn = rms_norm(x, self._w("attn_norm", (d,), nn.initializers.ones), c.rms_norm_eps)
+        t = x.shape[0]
+        q = lin(hn, "wq", (d, h * hd), bias("bq", h * hd)).reshape(t, h, hd)
+        k = lin(hn, "wk", (d, kvh * hd), bias("bk", kvh * hd)).reshape(t, kvh, hd)
+        v = lin(hn, "wv", (d, kvh * hd), bias("bv", kvh * hd)).reshape(t, kvh, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
+        attn = paged_attention(q, k_pages, v_pages, batch, sm_scale=hd ** -0.5, sliding_window=c.sliding_window,
+                               backend=self.attention_backend, token_tables=token_tables)
+        x = x + lin(attn.reshape(t, h * hd), "wo", (h * hd, d))
+
+        hn = rms_norm(x, self._w("mlp_norm", (d,), nn.initializers.ones), c.rms_norm_eps)
+        gate = lin(hn, "w_gate", (d, c.intermediate_size))
+        up = lin(hn, "w_up", (d, c.intermediate_size))
+        x = x + lin(jax.nn.silu(gate) * up, "w_down", (c.intermediate_size, d))
+        return x, (k_pages, v_pages)
+
+
+class LlamaModel(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_backend: str = "xla"
+    matmul_backend: str = "xla"
+
+    @nn.compact
+    def __call__(self, kv_cache, batch: StepBatch, all_logits: bool = False):
+        """Returns (logits [S, V] at batch.logits_indices — or [T, V] with all_logits —, new kv_cache)."""
+        c = self.config
+        embed = self.param("embed", _init, (c.vocab_size, c.hidden_size), self.dtype)
+        x = embed[batch.token_ids].astype(self.dtype)
+        cos, sin = rope_tables(batch.positions, rope_inv_freq(c))
+        token_tables = token_block_tables(batch, DEFAULT_CHUNK_BLOCKS) if self.attention_backend == "xla" else None
+        new_cache = []
+        for i in range(c.num_layers):
+            layer = DecoderLayer(c, self.dtype, self.attention_backend, self.matmul_backend, name=f"layers_{i}")
+            x, kv = layer(x, kv_cache[i], batch, cos, sin, token_tables)
+            new_cache.append(kv)
+        if not all_logits:
+            x = x[batch.logits_indices]  # only the rows we sample from go through the LM head
+        x = rms_norm(x, self.param("final_norm", nn.initializers.ones, (c.hidden_size,), self.dtype), c.rms_norm_eps)
+        if c.tie_word_embeddings:
+            logits = jnp.dot(x, embed.T, preferred_element_type=jnp.float32)
+        else:
+            lm_head = self.param("lm_head", _init, (c.hidden_size, c.vocab_size), self.dtype)
+            logits = linear(x, lm_head, matmul_backend=self.matmul_backend).astype(jnp.float32)
+        return logits.astype(jnp.float32), tuple(new_cache)
+
+
+def init_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype):
+    shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
