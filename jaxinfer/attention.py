@@ -42,7 +42,7 @@ def token_block_tables(batch: StepBatch, chunk_blocks: int) -> jax.Array:
 def xla_paged_attention(q, k_pages, v_pages, batch: StepBatch, *, sm_scale: float, sliding_window=None,
                         soft_cap=None, chunk_blocks: int = DEFAULT_CHUNK_BLOCKS, token_tables=None):
     num_tokens, num_heads, head_dim = q.shape
-    kvh, _, block_size, _ = k_pages.shape
+    kvh, num_blocks, block_size, _ = k_pages.shape
     group = num_heads // kvh
     chunk = chunk_blocks * block_size
     if token_tables is None:
@@ -52,11 +52,18 @@ def xla_paged_attention(q, k_pages, v_pages, batch: StepBatch, *, sm_scale: floa
     max_len = jnp.max(batch.kv_lens)
     num_chunks = (max_len + chunk - 1) // chunk
 
+    # Gathering whole pages as rows of a 2-D array is several times faster on XLA CPU than a gather on axis 1.
+    k_rows = k_pages.reshape(kvh * num_blocks, block_size * head_dim)
+    v_rows = v_pages.reshape(kvh * num_blocks, block_size * head_dim)
+    head_offset = (jnp.arange(kvh, dtype=jnp.int32) * num_blocks)[:, None, None]
+
     def body(c, carry):
         m, l, acc = carry
         blocks = lax.dynamic_slice_in_dim(token_tables, c * chunk_blocks, chunk_blocks, axis=1)  # [T, CB]
-        k = k_pages[:, blocks].reshape(kvh, num_tokens, chunk, head_dim).astype(jnp.float32)
-        v = v_pages[:, blocks].reshape(kvh, num_tokens, chunk, head_dim).astype(jnp.float32)
+        rows = head_offset + blocks[None]  # [KVH, T, CB]; block ids are always < num_blocks
+        k = k_rows.at[rows].get(mode="promise_in_bounds").reshape(kvh, num_tokens, chunk, head_dim)
+        v = v_rows.at[rows].get(mode="promise_in_bounds").reshape(kvh, num_tokens, chunk, head_dim)
+        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
         s = jnp.einsum("ktgd,ktcd->ktgc", qg, k)
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)

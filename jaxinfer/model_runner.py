@@ -1,0 +1,132 @@
+"""Model runner: owns the weights, the paged KV cache and the jitted step.
+
+Host side it packs scheduled chunks into a `StepBatch` of bucketed shape (token count T from a small fixed
+set; S = min(T, max_num_seqs) sequence rows), so the step compiles once per bucket. The KV cache is donated to
+every call and updated in place; only sampled token ids (and logprobs when asked) come back to the host.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxinfer import sampler
+from jaxinfer.attention import DEFAULT_CHUNK_BLOCKS
+from jaxinfer.batch import SeqChunk, build_step_batch, bucket
+from jaxinfer.config import ModelConfig
+from jaxinfer.model import LlamaModel, init_kv_cache
+
+
+def token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to (and including) max_num_batched_tokens."""
+    out, b = [], smallest
+    while b < max_num_batched_tokens:
+        out.append(b)
+        b *= 2
+    out.append(max_num_batched_tokens)
+    return tuple(out)
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Turn on JAX's persistent compilation cache (on by default; JAXINFER_COMPILATION_CACHE='' disables it)."""
+    path = os.environ.get("JAXINFER_COMPILATION_CACHE", path or os.path.expanduser("~/.cache/jaxinfer/xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, kv_dtype, attention_backend: str,
+                 matmul_backend: str, dtype):
+        self.config = config
+        self.params = params
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.buckets = token_buckets(max_num_batched_tokens)
+        blocks = math.ceil(max_model_len / block_size)
+        self.max_blocks = math.ceil(blocks / DEFAULT_CHUNK_BLOCKS) * DEFAULT_CHUNK_BLOCKS
+        self.kv_cache = init_kv_cache(config, num_blocks, block_size, kv_dtype)
+        self.model = LlamaModel(config, dtype=dtype, attention_backend=attention_backend,
+                                matmul_backend=matmul_backend)
+        self.eos_token_ids = tuple(config.eos_token_ids)
+        self._step = jax.jit(self._step_impl, static_argnames=("flags",), donate_argnums=(1,))
+        self._copy = jax.jit(_copy_blocks, donate_argnums=(0,))
+
+    def num_rows(self, num_tokens: int) -> int:
+        return min(num_tokens, self.max_num_seqs)
+
+    # ------------------------------------------------------------------------------------------ device side
+    def _step_impl(self, params, kv_cache, batch, tensors, prompt_targets, flags):
+        """Forward + sample. With prompt_targets ([T], -1 = none) it also returns, for every token, the
+        log-prob of the next prompt token and the top-20 (prompt_logprobs); None skips that work."""
+        want_all = prompt_targets is not None
+        logits, kv_cache = self.model.apply({"params": params}, kv_cache, batch, all_logits=want_all)
+        prompt_lp = None
+        if want_all:
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            target_lp = jnp.take_along_axis(logp, jnp.maximum(prompt_targets, 0)[:, None], axis=1)[:, 0]
+            top_lp, top_ids = jax.lax.top_k(logp, 20)
+            prompt_lp = (target_lp, top_ids, top_lp)
+            logits = logits[batch.logits_indices]
+        return (sampler.sample(logits, tensors, flags, self.eos_token_ids), prompt_lp), kv_cache
+
+    # -------------------------------------------------------------------------------------------- host side
+    def prepare(self, chunks: list[SeqChunk]):
+        num_tokens = bucket(sum(len(c.token_ids) for c in chunks), self.buckets)
+        return build_step_batch(chunks, num_tokens=num_tokens, num_seqs=self.num_rows(num_tokens),
+                                max_blocks=self.max_blocks, block_size=self.block_size, num_blocks=self.num_blocks)
+
+    def execute(self, chunks: list[SeqChunk], rows: list[sampler.RowInfo], prompt_targets=None):
+        """Run one step; row i of the sampler output belongs to chunks[i]. Returns host numpy arrays:
+        (SamplerOutput, prompt logprobs or None). prompt_targets: per chunk, the next prompt token of each
+        of its tokens (-1 = none), only when some request asked for prompt_logprobs."""
+        batch = self.prepare(chunks)
+        tensors, flags = sampler.make_sampling_tensors(rows, batch.logits_indices.shape[0], self.config.vocab_size)
+        targets = None
+        if prompt_targets is not None:
+            targets = np.full(batch.num_tokens, -1, np.int32)
+            flat = [t for chunk_targets in prompt_targets for t in chunk_targets]
+            targets[:len(flat)] = flat
+        out, self.kv_cache = self._step(self.params, self.kv_cache, batch, tensors, targets, flags=flags)
+        return jax.device_get(out)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]):
+        """Copy-on-write: duplicate whole blocks (all layers) before the step that writes them."""
+        if not pairs:
+            return
+        n = 1 << (len(pairs) - 1).bit_length()  # bucket the count; padding copies block 0 onto itself
+        src = np.zeros(n, np.int32)
+        dst = np.zeros(n, np.int32)
+        src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
+        self.kv_cache = self._copy(self.kv_cache, src, dst)
+
+    def warmup(self, param_variants) -> float:
+        """Compile every token bucket for each sampling variant (SamplingParams) so serving never compiles."""
+        start = time.perf_counter()
+        jobs = [(t, p) for p in param_variants for t in self.buckets]
+        for num_tokens, params in tqdm(jobs, desc="compiling step buckets", unit="bucket"):
+            # A batch of padding only: it writes nothing to the cache.
+            batch = build_step_batch([], num_tokens=num_tokens, num_seqs=self.num_rows(num_tokens),
+                                     max_blocks=self.max_blocks, block_size=self.block_size,
+                                     num_blocks=self.num_blocks)
+            rows = [sampler.RowInfo(params=params, seed=0, step=0)]
+            tensors, flags = sampler.make_sampling_tensors(rows, self.num_rows(num_tokens), self.config.vocab_size)
+            out, self.kv_cache = self._step(self.params, self.kv_cache, batch, tensors, None, flags=flags)
+            jax.block_until_ready(out)
+        return time.perf_counter() - start
+
+    def num_compiled(self) -> int:
+        return self._step._cache_size()
+
+
+def _copy_blocks(kv_cache, src, dst):
+    return tuple((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in kv_cache)
