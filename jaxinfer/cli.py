@@ -1,0 +1,164 @@
+"""`jaxinfer` command line: generate, chat, bench throughput, convert."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="registered name, .gguf file, HF dir or orbax checkpoint")
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--attention-backend", default=None, choices=[None, "xla", "pallas", "reference"])
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _make_llm(a, **overrides):
+    from jaxinfer import LLM
+
+    kwargs = dict(model=a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                  max_num_batched_tokens=a.max_num_batched_tokens, num_kv_blocks=a.num_kv_blocks,
+                  block_size=a.block_size, enable_prefix_caching=not a.no_prefix_caching,
+                  attention_backend=a.attention_backend)
+    kwargs.update(overrides)
+    return LLM(**kwargs)
+
+
+def _params(a):
+    from jaxinfer import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          seed=a.seed)
+
+
+def _stream_to_terminal(llm, prompt, params) -> str:
+    start, first, n = time.perf_counter(), None, 0
+    text = ""
+    for out in llm.stream(prompt, params):
+        first = first or time.perf_counter()
+        delta = out.outputs[0].delta_text
+        n += len(out.outputs[0].delta_token_ids)
+        text += delta
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    end = time.perf_counter()
+    decode = (n - 1) / (end - first) if n > 1 and end > first else float("nan")
+    print(f"\n[{n} tokens, time to first token {(first or end) - start:.2f}s, {decode:.1f} tok/s decode]",
+          file=sys.stderr)
+    return text
+
+
+def cmd_generate(a) -> None:
+    llm = _make_llm(a)
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}]) if a.chat_template \
+        else a.prompt
+    _stream_to_terminal(llm, prompt, _params(a))
+
+
+def cmd_chat(a) -> None:
+    llm = _make_llm(a)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print("jaxinfer chat: empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        reply = _stream_to_terminal(llm, llm.tokenizer.apply_chat_template(messages), _params(a))
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_bench_throughput(a) -> None:
+    """Random-token workload (vLLM's `--dataset random` style): prompt and output lengths drawn uniformly."""
+    from jaxinfer import SamplingParams
+
+    llm = _make_llm(a, scheduler_policy=a.policy)
+    print(f"warm-up compile: {llm.warmup([SamplingParams(temperature=0.0)]):.1f}s", file=sys.stderr)
+    rng = np.random.default_rng(a.seed or 0)
+    vocab = llm.engine.config.vocab_size
+    prompts = [rng.integers(100, vocab, rng.integers(a.min_input, a.max_input + 1)).tolist()
+               for _ in range(a.num_requests)]
+    outs = [int(rng.integers(a.min_output, a.max_output + 1)) for _ in range(a.num_requests)]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in outs]
+    start = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    gen = sum(len(r.token_ids) for r in results)
+    total = gen + sum(len(p) for p in prompts)
+    print(f"| requests | policy | output tok/s | total tok/s | wall s |\n|---|---|---|---|---|\n"
+          f"| {a.num_requests} | {a.policy} | {gen / elapsed:.1f} | {total / elapsed:.1f} | {elapsed:.1f} |")
+
+
+def cmd_convert(a) -> None:
+    import jax.numpy as jnp
+
+    from jaxinfer.loaders import load_weights
+    from jaxinfer.loaders.checkpoint import convert
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[a.dtype or "float32"]
+    convert(a.src, a.dst, lambda src: load_weights(src, dtype))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion to the terminal")
+    _engine_args(g)
+    _sampling_args(g)
+    g.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat message")
+    g.add_argument("prompt")
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat")
+    _engine_args(c)
+    _sampling_args(c)
+    c.add_argument("--system", default=None)
+    c.set_defaults(fn=cmd_chat)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    t = bsub.add_parser("throughput", help="offline throughput on a random-token workload")
+    _engine_args(t)
+    t.add_argument("--num-requests", type=int, default=64)
+    t.add_argument("--min-input", type=int, default=16)
+    t.add_argument("--max-input", type=int, default=128)
+    t.add_argument("--min-output", type=int, default=16)
+    t.add_argument("--max-output", type=int, default=384)
+    t.add_argument("--policy", default="continuous", choices=["continuous", "static"])
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_bench_throughput)
+
+    v = sub.add_parser("convert", help="convert a checkpoint (GGUF / safetensors) to an orbax checkpoint")
+    v.add_argument("src")
+    v.add_argument("dst")
+    v.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    v.set_defaults(fn=cmd_convert)
+
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"jaxinfer: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Shared fixtures. The real default model (SmolLM2-135M-Instruct GGUF) and its HF transformers twin are loaded
+once per session; HF (torch, fp32 CPU) is the independent oracle for logits and greedy tokens."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAXINFER_QUIET", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxinfer.registry import resolve_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm(gguf_path):
+    from jaxinfer.loaders.gguf import load_gguf
+
+    return load_gguf(gguf_path, jnp.float32)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(gguf_path):
+    from jaxinfer.tokenizer import load_tokenizer
+
+    return load_tokenizer(gguf_path)
+
+
+def wikitext_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
+    """n real-text token ids (WikiText-2 test split when present)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.txt")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read(200_000)
+    else:
+        text = " ".join(f"Sentence number {i} talks about engines, caches and kernels." for i in range(2000))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[offset:offset + n]
+
+
+def max_abs_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
