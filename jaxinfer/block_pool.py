@@ -23,13 +23,17 @@ Vocabulary
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 _ROOT_HASH = 0x6A61_7869_6E66  # parent hash of a sequence's first block
 
 _EMPTY: Mapping = MappingProxyType({})
+
+
+def _empty() -> Mapping:
+    return _EMPTY
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -48,12 +52,13 @@ class BlockPoolState:
     num_blocks: int
     block_size: int
     enable_prefix_caching: bool = True
-    seqs: Mapping[int, SeqBlocks] = _EMPTY
-    ref_counts: Mapping[int, int] = _EMPTY  # only blocks with ref count > 0
-    free_blocks: tuple[int, ...] = ()  # allocation takes from the front
-    cached: Mapping[int, None] = _EMPTY  # ref 0 + hashed; insertion order = LRU order (first evicted first)
-    block_to_hash: Mapping[int, int] = _EMPTY  # registered blocks (used or cached)
-    hash_to_block: Mapping[int, int] = _EMPTY  # one physical block per hash
+    seqs: Mapping[int, SeqBlocks] = field(default_factory=_empty)
+    ref_counts: Mapping[int, int] = field(default_factory=_empty)  # only blocks with ref count > 0
+    free_blocks: tuple[int, ...] = ()  # allocation pops from the end (LIFO)
+    # ref count 0 + hashed: evictable. Insertion order is LRU order (the first key is evicted first).
+    cached: Mapping[int, None] = field(default_factory=_empty)
+    block_to_hash: Mapping[int, int] = field(default_factory=_empty)  # registered blocks (used or cached)
+    hash_to_block: Mapping[int, int] = field(default_factory=_empty)  # one physical block per hash
     hit_tokens: int = 0  # prefix-cache statistics, over allocate() calls
     queried_tokens: int = 0
 
@@ -61,50 +66,48 @@ class BlockPoolState:
 def create(num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> BlockPoolState:
     if num_blocks <= 0 or block_size <= 0:
         raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
-    return BlockPoolState(num_blocks, block_size, enable_prefix_caching, free_blocks=tuple(range(num_blocks)))
+    # Reversed so that the LIFO free list hands out block 0 first (readable tables in tests and logs).
+    free_blocks = tuple(range(num_blocks - 1, -1, -1))
+    return BlockPoolState(num_blocks, block_size, enable_prefix_caching, free_blocks=free_blocks)
 
 
 class _Txn:
     """Mutable scratch copy of a state for the duration of one operation (copy-on-write per field)."""
 
-    _MAPS = ("seqs", "ref_counts", "cached", "block_to_hash", "hash_to_block")
-
     def __init__(self, state: BlockPoolState):
         self.state = state
         self._copied: dict[str, dict] = {}
         self._free: list[int] | None = None
-        self._free_pos = 0  # blocks taken from the front of state.free_blocks (avoids re-slicing a tuple)
-        self.stats = {}
 
     def m(self, name: str) -> dict:
+        """Writable copy of one of the state's mappings (copied on first use)."""
         if name not in self._copied:
             self._copied[name] = dict(getattr(self.state, name))
         return self._copied[name]
 
-    def r(self, name: str) -> Mapping:  # read view: the copy if one was made, else the original
-        return self._copied.get(name) or getattr(self.state, name)
+    def r(self, name: str) -> Mapping:
+        """Read view of one of the state's mappings: the working copy if there is one."""
+        return self._copied[name] if name in self._copied else getattr(self.state, name)
 
-    def _free_list(self) -> list[int]:
+    def free_list(self) -> list[int]:
         if self._free is None:
-            self._free = list(self.state.free_blocks[self._free_pos:])
+            self._free = list(self.state.free_blocks)
         return self._free
 
     def num_free(self) -> int:
-        free = len(self._free) if self._free is not None else len(self.state.free_blocks) - self._free_pos
+        free = len(self._free) if self._free is not None else len(self.state.free_blocks)
         return free + len(self.r("cached"))
 
     def take_block(self) -> int:
         """A ref-count-0 block for new content: the free list first, else evict the LRU cached block."""
-        if self._free is None and self._free_pos < len(self.state.free_blocks):
-            block = self.state.free_blocks[self._free_pos]
-            self._free_pos += 1
-        elif self._free:
-            block = self._free.pop(0) if len(self._free) < 64 else self._free.pop()
+        free = self.free_list()
+        if free:
+            block = free.pop()
         else:
             cached = self.m("cached")
             if not cached:
                 raise NoFreeBlocksError("no free or evictable KV blocks")
-            block = next(iter(cached))
+            block = next(iter(cached))  # least recently used
             del cached[block]
             del self.m("hash_to_block")[self.m("block_to_hash").pop(block)]
         self.m("ref_counts")[block] = 1
@@ -124,15 +127,13 @@ class _Txn:
             if block in self.r("block_to_hash"):
                 self.m("cached")[block] = None  # most recently used: evicted last
             else:
-                self._free_list().append(block)
+                self.free_list().append(block)
 
     def build(self, **changes) -> BlockPoolState:
         for name, d in self._copied.items():
             changes[name] = MappingProxyType(d)
         if self._free is not None:
             changes["free_blocks"] = tuple(self._free)
-        elif self._free_pos:
-            changes["free_blocks"] = self.state.free_blocks[self._free_pos:]
         return dataclasses.replace(self.state, **changes)
 
 
@@ -190,20 +191,26 @@ def can_allocate(state: BlockPoolState, token_ids: Sequence[int], num_new_tokens
     return new_blocks <= available
 
 
-def _append_need(state: BlockPoolState, seq_id: int, num_new_tokens: int) -> tuple[int, bool]:
-    """(fresh blocks needed, whether the last block must be copied first) to grow by num_new_tokens."""
-    entry = state.seqs[seq_id]
-    bs = state.block_size
-    total = entry.num_tokens + num_new_tokens
-    new_blocks = _blocks_for(total, bs) - len(entry.blocks)
+def max_allocatable_tokens(state: BlockPoolState, token_ids: Sequence[int]) -> int:
+    """Most tokens past the cached prefix of ``token_ids`` that ``allocate`` could reserve right now."""
+    hit_blocks, _, num_hit, _, _, available = _alloc_need(state, token_ids, 0)
+    return min(len(token_ids) - num_hit, available * state.block_size)
+
+
+def _append_need(seqs: Mapping[int, SeqBlocks], ref_counts: Mapping[int, int], block_size: int,
+                 seq_id: int, num_new_tokens: int) -> tuple[int, bool]:
+    """(blocks to take, whether the last block must be copied first) to grow a sequence by num_new_tokens."""
+    entry = seqs[seq_id]
+    new_blocks = _blocks_for(entry.num_tokens + num_new_tokens, block_size) - len(entry.blocks)
     # Writing into a partially filled last block that another table also references -> copy-on-write.
-    cow = (num_new_tokens > 0 and entry.num_tokens % bs != 0
-           and state.ref_counts[entry.blocks[-1]] > 1)
+    cow = (num_new_tokens > 0 and entry.num_tokens % block_size != 0
+           and ref_counts[entry.blocks[-1]] > 1)
     return new_blocks + cow, cow
 
 
 def can_append_slots(state: BlockPoolState, seq_id: int, num_new_tokens: int) -> bool:
-    return _append_need(state, seq_id, num_new_tokens)[0] <= num_free_blocks(state)
+    need, _ = _append_need(state.seqs, state.ref_counts, state.block_size, seq_id, num_new_tokens)
+    return need <= num_free_blocks(state)
 
 
 def block_table(state: BlockPoolState, seq_id: int) -> tuple[int, ...]:
@@ -245,14 +252,13 @@ def allocate(state: BlockPoolState, seq_id: int, token_ids: Sequence[int],
         raise ValueError(f"sequence {seq_id} already has blocks")
     hit_blocks, hashes, num_hit, num_new_tokens, new_blocks, available = _alloc_need(
         state, token_ids, num_new_tokens)
-    if num_new_tokens < 0 or num_hit + num_new_tokens > max(len(token_ids), num_hit):
+    if num_new_tokens < 0 or num_hit + num_new_tokens > len(token_ids):
         raise ValueError(f"cannot reserve {num_new_tokens} tokens past {num_hit} cached of {len(token_ids)}")
     if new_blocks > available:
         raise NoFreeBlocksError(f"sequence {seq_id} needs {new_blocks} blocks, {available} available")
     txn = _Txn(state)
     for block in hit_blocks:
         txn.ref(block)
-        txn.m("cached").pop(block, None)  # re-touched: if it goes back to cached later it's most recent
     blocks = hit_blocks + [txn.take_block() for _ in range(new_blocks)]
     txn.m("seqs")[seq_id] = SeqBlocks(tuple(blocks), num_hit + num_new_tokens, tuple(hashes))
     return txn.build(hit_tokens=state.hit_tokens + num_hit,
@@ -267,57 +273,78 @@ def append_slots(state: BlockPoolState, seq_id: int, token_ids_so_far: Sequence[
     before this step writes K/V. If ``token_ids_so_far`` is given, the already-reserved slots are taken as
     computed (the previous step ran) and newly full blocks are registered in the prefix cache.
     """
-    if num_new_tokens < 0:
-        raise ValueError("num_new_tokens must be >= 0")
     if token_ids_so_far is not None:
         state = cache_full_blocks(state, seq_id, token_ids_so_far, state.seqs[seq_id].num_tokens)
-    need, cow = _append_need(state, seq_id, num_new_tokens)
-    if need > num_free_blocks(state):
+    new_state, copies, done = append_slots_batch(state, [(seq_id, num_new_tokens)])
+    if not done:
+        need, _ = _append_need(state.seqs, state.ref_counts, state.block_size, seq_id, num_new_tokens)
         raise NoFreeBlocksError(f"sequence {seq_id} needs {need} blocks, {num_free_blocks(state)} available")
-    if need == 0:  # fast path (most decode steps): only the slot count moves
-        seqs = dict(state.seqs)
-        entry = seqs[seq_id]
-        seqs[seq_id] = dataclasses.replace(entry, num_tokens=entry.num_tokens + num_new_tokens)
-        return dataclasses.replace(state, seqs=MappingProxyType(seqs)), []
+    return new_state, copies
+
+
+def append_slots_batch(state: BlockPoolState, requests: Iterable[tuple[int, int]]
+                       ) -> tuple[BlockPoolState, list[tuple[int, int]], int]:
+    """``append_slots`` for many ``(seq_id, num_new_tokens)`` in one go (one state copy per step instead of one
+    per sequence). Grows them in order and stops before the first that does not fit.
+    Returns ``(state, copies, number of requests done)``."""
     txn = _Txn(state)
-    entry = state.seqs[seq_id]
-    blocks = list(entry.blocks)
-    copies = []
-    if cow:
-        src = blocks[-1]
-        dst = txn.take_block()
-        txn.unref(src)  # still referenced by the other table(s): stays used
-        blocks[-1] = dst
-        copies.append((src, dst))
-    blocks += [txn.take_block() for _ in range(need - cow)]
-    txn.m("seqs")[seq_id] = dataclasses.replace(
-        entry, blocks=tuple(blocks), num_tokens=entry.num_tokens + num_new_tokens)
-    return txn.build(), copies
+    bs = state.block_size
+    copies: list[tuple[int, int]] = []
+    seqs = txn.m("seqs")
+    done = 0
+    for seq_id, num_new_tokens in requests:
+        if num_new_tokens < 0:
+            raise ValueError("num_new_tokens must be >= 0")
+        need, cow = _append_need(seqs, txn.r("ref_counts"), bs, seq_id, num_new_tokens)
+        if need > txn.num_free():
+            break
+        entry = seqs[seq_id]
+        blocks = entry.blocks
+        if need:
+            blocks = list(blocks)
+            if cow:
+                src, dst = blocks[-1], txn.take_block()
+                txn.unref(src)  # still referenced by the other table(s): stays used
+                blocks[-1] = dst
+                copies.append((src, dst))
+            blocks += [txn.take_block() for _ in range(need - cow)]
+            blocks = tuple(blocks)
+        seqs[seq_id] = SeqBlocks(blocks, entry.num_tokens + num_new_tokens, entry.hashes)
+        done += 1
+    return txn.build(), copies, done
 
 
 def cache_full_blocks(state: BlockPoolState, seq_id: int, token_ids: Sequence[int],
                       num_computed_tokens: int) -> BlockPoolState:
     """Register in the prefix cache the sequence's full blocks whose K/V is computed (the first
     ``num_computed_tokens`` tokens, whose ids are ``token_ids[:num_computed_tokens]``)."""
+    return cache_full_blocks_batch(state, [(seq_id, token_ids, num_computed_tokens)])
+
+
+def cache_full_blocks_batch(state: BlockPoolState,
+                            items: Iterable[tuple[int, Sequence[int], int]]) -> BlockPoolState:
+    """``cache_full_blocks`` for many ``(seq_id, token_ids, num_computed_tokens)`` at once."""
     if not state.enable_prefix_caching:
         return state
-    entry = state.seqs[seq_id]
-    bs = state.block_size
-    num_full = min(num_computed_tokens, entry.num_tokens, len(token_ids)) // bs
-    if num_full <= len(entry.hashes):
-        return state
     txn = _Txn(state)
-    hashes = list(entry.hashes)
-    for i in range(len(hashes), num_full):
-        h = _block_hash(hashes[-1] if hashes else _ROOT_HASH, token_ids[i * bs:(i + 1) * bs])
-        hashes.append(h)
-        block = entry.blocks[i]
-        # If another block already holds this content (computed concurrently) keep that one as the
-        # cache entry; this block stays unregistered and is simply freed with its sequence.
-        if h not in txn.r("hash_to_block") and block not in txn.r("block_to_hash"):
-            txn.m("hash_to_block")[h] = block
-            txn.m("block_to_hash")[block] = h
-    txn.m("seqs")[seq_id] = dataclasses.replace(entry, hashes=tuple(hashes))
+    bs = state.block_size
+    for seq_id, token_ids, num_computed_tokens in items:
+        entry = txn.r("seqs")[seq_id]
+        num_full = min(num_computed_tokens, entry.num_tokens, len(token_ids)) // bs
+        if num_full <= len(entry.hashes):
+            continue
+        hashes = list(entry.hashes)
+        hash_to_block, block_to_hash = txn.m("hash_to_block"), txn.m("block_to_hash")
+        for i in range(len(hashes), num_full):
+            h = _block_hash(hashes[-1] if hashes else _ROOT_HASH, token_ids[i * bs:(i + 1) * bs])
+            hashes.append(h)
+            block = entry.blocks[i]
+            # If another block already holds this content (computed concurrently) keep that one as the
+            # cache entry; this block stays unregistered and is simply freed with its sequence.
+            if h not in hash_to_block and block not in block_to_hash:
+                hash_to_block[h] = block
+                block_to_hash[block] = h
+        txn.m("seqs")[seq_id] = SeqBlocks(entry.blocks, entry.num_tokens, tuple(hashes))
     return txn.build()
 
 

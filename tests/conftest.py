@@ -58,3 +58,16 @@ def wikitext_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
 
 def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+# One engine configuration shared by every test file that needs the real model, so the persistent compilation
+# cache serves all of them after the first compile. The small KV pool (64 blocks = 1024 tokens) makes busy
+# tests preempt, which they must survive with identical outputs.
+SMALL_ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512, num_kv_blocks=64)
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from jaxinfer import LLM
+
+    return LLM("smollm2-135m", **SMALL_ENGINE)

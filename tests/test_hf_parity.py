@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import max_abs_diff, wikitext_ids
-from jaxinfer import LLM, SamplingParams
+from jaxinfer import SamplingParams
 from model_utils import prefill_logits
 
 # fp32 on both sides; differences come from summation order only. Logits are O(10-30).
@@ -39,11 +39,6 @@ CHAT_PROMPTS = [
     "List three prime numbers and explain why they are prime.",
     "Translate 'good morning, my friend' into Spanish and German.",
 ]
-
-
-@pytest.fixture(scope="module")
-def llm():
-    return LLM("smollm2-135m", max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512)
 
 
 def test_greedy_64_tokens_match_hf_generate(llm, hf_model, tokenizer):
