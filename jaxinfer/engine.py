@@ -148,8 +148,9 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, more than fits max_model_len={self.max_model_len} "
                              "with at least one generated token")
-        if params.n > self.args.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.args.max_num_seqs}")
+        if params.n > min(self.args.max_num_seqs, self.args.max_num_batched_tokens):
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.args.max_num_seqs} "
+                             f"or max_num_batched_tokens={self.args.max_num_batched_tokens}")
         if self.scheduler.num_waiting >= self.args.max_waiting_requests:
             raise QueueFullError(f"{self.scheduler.num_waiting} requests are waiting "
                                  f"(max_waiting_requests={self.args.max_waiting_requests}); retry later")
@@ -250,7 +251,8 @@ class LLMEngine:
                 finish = "stop"
             elif token in p.stop_token_ids:
                 finish, stop_reason = "stop", token
-            elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif (p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens) \
+                    or seq.num_tokens >= self.max_model_len:
                 finish = "length"
             if finish and detok is not None:
                 out.delta_text += detok.finish()

@@ -58,16 +58,19 @@ class ModelRunner:
         self.model = LlamaModel(config, dtype=dtype, attention_backend=attention_backend,
                                 matmul_backend=matmul_backend)
         self.eos_token_ids = tuple(config.eos_token_ids)
-        self._step = jax.jit(self._step_impl, static_argnames=("flags",), donate_argnums=(1,))
+        # Forward and sampler are separate jits: the forward compiles once per token bucket whatever sampling
+        # options are in the batch; the sampler's variants are small and compile in a fraction of the time.
+        self._forward = jax.jit(self._forward_impl, donate_argnums=(1,))
+        self._sample = jax.jit(sampler.sample, static_argnames=("flags", "eos_token_ids"))
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,))
 
     def num_rows(self, num_tokens: int) -> int:
         return min(num_tokens, self.max_num_seqs)
 
     # ------------------------------------------------------------------------------------------ device side
-    def _step_impl(self, params, kv_cache, batch, tensors, prompt_targets, flags):
-        """Forward + sample. With prompt_targets ([T], -1 = none) it also returns, for every token, the
-        log-prob of the next prompt token and the top-20 (prompt_logprobs); None skips that work."""
+    def _forward_impl(self, params, kv_cache, batch, prompt_targets):
+        """Logits of each sequence's last token [S, V]. With prompt_targets ([T], -1 = none) it also returns,
+        for every token, the log-prob of the next prompt token and the top-20 (prompt_logprobs)."""
         want_all = prompt_targets is not None
         logits, kv_cache = self.model.apply({"params": params}, kv_cache, batch, all_logits=want_all)
         prompt_lp = None
@@ -77,7 +80,7 @@ class ModelRunner:
             top_lp, top_ids = jax.lax.top_k(logp, 20)
             prompt_lp = (target_lp, top_ids, top_lp)
             logits = logits[batch.logits_indices]
-        return (sampler.sample(logits, tensors, flags, self.eos_token_ids), prompt_lp), kv_cache
+        return (logits, prompt_lp), kv_cache
 
     # -------------------------------------------------------------------------------------------- host side
     def prepare(self, chunks: list[SeqChunk]):
@@ -86,7 +89,8 @@ class ModelRunner:
                                 max_blocks=self.max_blocks, block_size=self.block_size, num_blocks=self.num_blocks)
 
     def execute(self, chunks: list[SeqChunk], rows: list[sampler.RowInfo], prompt_targets=None):
-        """Run one step; row i of the sampler output belongs to chunks[i]. Returns host numpy arrays:
+        """Run one step; row i of the sampler output belongs to chunks[i]. Only the sampled ids (and logprobs
+        when asked) come back to the host:
         (SamplerOutput, prompt logprobs or None). prompt_targets: per chunk, the next prompt token of each
         of its tokens (-1 = none), only when some request asked for prompt_logprobs."""
         batch = self.prepare(chunks)
@@ -96,8 +100,9 @@ class ModelRunner:
             targets = np.full(batch.num_tokens, -1, np.int32)
             flat = [t for chunk_targets in prompt_targets for t in chunk_targets]
             targets[:len(flat)] = flat
-        out, self.kv_cache = self._step(self.params, self.kv_cache, batch, tensors, targets, flags=flags)
-        return jax.device_get(out)
+        (logits, prompt_lp), self.kv_cache = self._forward(self.params, self.kv_cache, batch, targets)
+        out = self._sample(logits, tensors, flags=flags, eos_token_ids=self.eos_token_ids)
+        return jax.device_get((out, prompt_lp))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]):
         """Copy-on-write: duplicate whole blocks (all layers) before the step that writes them."""
@@ -110,22 +115,24 @@ class ModelRunner:
         self.kv_cache = self._copy(self.kv_cache, src, dst)
 
     def warmup(self, param_variants) -> float:
-        """Compile every token bucket for each sampling variant (SamplingParams) so serving never compiles."""
+        """Compile the forward for every token bucket, and the sampler for each bucket and sampling variant
+        (given as SamplingParams), so serving never compiles."""
         start = time.perf_counter()
-        jobs = [(t, p) for p in param_variants for t in self.buckets]
+        jobs = [(t, p) for t in self.buckets for p in param_variants]
         for num_tokens, params in tqdm(jobs, desc="compiling step buckets", unit="bucket"):
             # A batch of padding only: it writes nothing to the cache.
             batch = build_step_batch([], num_tokens=num_tokens, num_seqs=self.num_rows(num_tokens),
                                      max_blocks=self.max_blocks, block_size=self.block_size,
                                      num_blocks=self.num_blocks)
-            rows = [sampler.RowInfo(params=params, seed=0, step=0)]
+            rows = [sampler.RowInfo(params=params, seed=0, step=0, prompt_token_ids=[0], output_token_ids=[])]
             tensors, flags = sampler.make_sampling_tensors(rows, self.num_rows(num_tokens), self.config.vocab_size)
-            out, self.kv_cache = self._step(self.params, self.kv_cache, batch, tensors, None, flags=flags)
-            jax.block_until_ready(out)
+            (logits, _), self.kv_cache = self._forward(self.params, self.kv_cache, batch, None)
+            jax.block_until_ready(self._sample(logits, tensors, flags=flags, eos_token_ids=self.eos_token_ids))
         return time.perf_counter() - start
 
     def num_compiled(self) -> int:
-        return self._step._cache_size()
+        """Compiled executables of the step (forward + sampler variants): constant after warm-up."""
+        return self._forward._cache_size() + self._sample._cache_size()
 
 
 def _copy_blocks(kv_cache, src, dst):
