@@ -68,6 +68,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], name: str = "") -> "ModelConfig":
+        hf = _hoist_rope_parameters(hf)
         archs = hf.get("architectures") or []
         arch = _HF_ARCH.get(archs[0]) if archs else None
         arch = arch or hf.get("model_type")
@@ -131,6 +132,21 @@ class ModelConfig:
             out["sliding_window"] = self.sliding_window
             out["use_sliding_window"] = True
         return out
+
+
+def _hoist_rope_parameters(hf: dict) -> dict:
+    """transformers 5 writes `rope_parameters: {rope_type, rope_theta, ...}` instead of the top-level
+    `rope_theta` / `rope_scaling` that from_hf_config reads; without this a non-default theta is lost."""
+    rp = hf.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return hf
+    hf = dict(hf)
+    if "rope_theta" in rp:
+        hf.setdefault("rope_theta", rp["rope_theta"])
+    scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") != "default" and not hf.get("rope_scaling"):
+        hf["rope_scaling"] = scaling
+    return hf
 
 
 def _freeze(value):

@@ -47,21 +47,6 @@ def read_hf_config(model_dir: str) -> dict:
             hf = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot parse {file}: {e}") from None
-    return _hoist_rope_parameters(hf)
-
-
-def _hoist_rope_parameters(hf: dict) -> dict:
-    """transformers 5 writes `rope_parameters: {rope_type, rope_theta, ...}` instead of the top-level
-    `rope_theta` / `rope_scaling` that from_hf_config reads; without this a non-default theta is lost."""
-    rp = hf.get("rope_parameters")
-    if not isinstance(rp, dict):
-        return hf
-    hf = dict(hf)
-    if "rope_theta" in rp:
-        hf.setdefault("rope_theta", rp["rope_theta"])
-    scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-    if scaling.get("rope_type", "default") != "default" and not hf.get("rope_scaling"):
-        hf["rope_scaling"] = scaling
     return hf
 
 
