@@ -13,7 +13,7 @@ from jax import lax
 
 from jaxinfer.batch import StepBatch
 
-DEFAULT_CHUNK_BLOCKS = 16
+DEFAULT_CHUNK_BLOCKS = 4
 
 
 def default_attention_backend() -> str:
