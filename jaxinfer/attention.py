@@ -1,11 +1,13 @@
 """Paged attention over the flat ragged batch: backend dispatch and the XLA (non-Pallas) path.
 
 The XLA path is what the engine uses on CPU. Each query token attends to its own sequence's pages, walked
-in chunks of `chunk_blocks` pages with an online softmax, and the loop stops at the longest context in the
-batch (a dynamic trip count), so a step touches only live KV and the compiled shape does not depend on
-context length.
+in chunks of `chunk_blocks` pages with an online softmax. Tokens are sorted by context length and split into a
+few groups; each group's loop stops at its own longest context (a dynamic trip count), so a step touches little
+more than live KV and the compiled shape does not depend on context length.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,67 +34,107 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
     return write(k_pages, k), write(v_pages, v)
 
 
-def token_block_tables(batch: StepBatch, chunk_blocks: int) -> jax.Array:
-    """Each token's block table, padded to a multiple of chunk_blocks ([T, MB']); computed once per step."""
-    tables = batch.block_tables[batch.seq_ids]
+class XlaAttentionPlan(NamedTuple):
+    """Per-step metadata shared by every layer: tokens sorted by context length, split into groups."""
+    order: jax.Array        # [T] token permutation, longest context first
+    inverse: jax.Array      # [T] its inverse
+    positions: jax.Array    # [T] sorted query positions
+    tables: jax.Array       # [T, MB'] sorted per-token block tables, MB' a multiple of the chunk
+    chunk_ranges: jax.Array  # [G, 2] first and end chunk each group must visit
+
+
+def plan_xla_attention(batch: StepBatch, *, block_size: int, chunk_blocks: int = DEFAULT_CHUNK_BLOCKS,
+                       sliding_window=None) -> XlaAttentionPlan:
+    """Sort tokens by position (longest context first) and cut them into a few static groups, each of which
+    walks only the KV chunks its own tokens need. Without this every token would walk to the longest context in
+    the batch; in a continuous batch contexts range from a few tokens to thousands."""
+    positions = batch.positions
+    num_tokens = positions.shape[0]
+    order = jnp.argsort(-positions, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(num_tokens, dtype=jnp.int32))
+    pos = positions[order]
+    tables = batch.block_tables[batch.seq_ids[order]]
     pad = (-tables.shape[1]) % chunk_blocks
-    return jnp.pad(tables, ((0, 0), (0, pad))) if pad else tables
+    tables = jnp.pad(tables, ((0, 0), (0, pad))) if pad else tables
+    chunk = chunk_blocks * block_size
+    groups = pos.reshape(_num_groups(num_tokens), -1)
+    end = groups[:, 0] // chunk + 1  # the group's longest context (sorted descending)
+    start = jnp.zeros_like(end)
+    if sliding_window is not None:  # chunks wholly before every token's window are skipped too
+        start = jnp.maximum(groups[:, -1] - sliding_window + 1, 0) // chunk
+    return XlaAttentionPlan(order, inverse, pos, tables, jnp.stack([start, end], axis=1))
+
+
+def _num_groups(num_tokens: int) -> int:
+    """Static group count: enough to cut most of the padding work, few enough to keep each group's ops large."""
+    for groups in (4, 2):
+        if num_tokens % groups == 0 and num_tokens // groups >= 8:
+            return groups
+    return 1
 
 
 def xla_paged_attention(q, k_pages, v_pages, batch: StepBatch, *, sm_scale: float, sliding_window=None,
-                        soft_cap=None, chunk_blocks: int = DEFAULT_CHUNK_BLOCKS, token_tables=None):
+                        soft_cap=None, chunk_blocks: int = DEFAULT_CHUNK_BLOCKS, plan: XlaAttentionPlan | None = None):
     num_tokens, num_heads, head_dim = q.shape
     kvh, num_blocks, block_size, _ = k_pages.shape
     group = num_heads // kvh
     chunk = chunk_blocks * block_size
-    if token_tables is None:
-        token_tables = token_block_tables(batch, chunk_blocks)
-    qg = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, kvh, group, head_dim).transpose(1, 0, 2, 3)
-    pos = batch.positions[:, None]
-    max_len = jnp.max(batch.kv_lens)
-    num_chunks = (max_len + chunk - 1) // chunk
-
+    if plan is None:
+        plan = plan_xla_attention(batch, block_size=block_size, chunk_blocks=chunk_blocks,
+                                  sliding_window=sliding_window)
+    num_groups = plan.chunk_ranges.shape[0]
+    per_group = num_tokens // num_groups
+    q_sorted = (q.astype(jnp.float32) * sm_scale)[plan.order]
     # Gathering whole pages as rows of a 2-D array is several times faster on XLA CPU than a gather on axis 1.
     k_rows = k_pages.reshape(kvh * num_blocks, block_size * head_dim)
     v_rows = v_pages.reshape(kvh * num_blocks, block_size * head_dim)
     head_offset = (jnp.arange(kvh, dtype=jnp.int32) * num_blocks)[:, None, None]
 
-    def body(c, carry):
-        m, l, acc = carry
-        blocks = lax.dynamic_slice_in_dim(token_tables, c * chunk_blocks, chunk_blocks, axis=1)  # [T, CB]
-        rows = head_offset + blocks[None]  # [KVH, T, CB]; block ids are always < num_blocks
-        k = k_rows.at[rows].get(mode="promise_in_bounds").reshape(kvh, num_tokens, chunk, head_dim)
-        v = v_rows.at[rows].get(mode="promise_in_bounds").reshape(kvh, num_tokens, chunk, head_dim)
-        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-        s = jnp.einsum("ktgd,ktcd->ktgc", qg, k)
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        kv_pos = c * chunk + jnp.arange(chunk)[None, :]
-        mask = kv_pos <= pos
-        if sliding_window is not None:
-            mask &= kv_pos > pos - sliding_window
-        s = jnp.where(mask[None, :, None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
-        alpha = jnp.exp(m - m_safe)
-        l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + jnp.einsum("ktgc,ktcd->ktgd", p, v)
-        return m_new, l, acc
+    def attend(qg, pos, tables, first_chunk, end_chunk):
+        """Online softmax of one token group ([KVH, n, G, D] queries) over KV chunks [first, end)."""
+        n = qg.shape[1]
 
-    init = (jnp.full((kvh, num_tokens, group), -jnp.inf, jnp.float32),
-            jnp.zeros((kvh, num_tokens, group), jnp.float32),
-            jnp.zeros((kvh, num_tokens, group, head_dim), jnp.float32))
-    _, l, acc = lax.fori_loop(0, num_chunks, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding tokens see no keys: output 0
-    return out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+        def body(c, carry):
+            m, l, acc = carry
+            blocks = lax.dynamic_slice_in_dim(tables, c * chunk_blocks, chunk_blocks, axis=1)  # [n, CB]
+            rows = head_offset + blocks[None]  # [KVH, n, CB]; block ids are always < num_blocks
+            k = k_rows.at[rows].get(mode="promise_in_bounds").reshape(kvh, n, chunk, head_dim)
+            v = v_rows.at[rows].get(mode="promise_in_bounds").reshape(kvh, n, chunk, head_dim)
+            s = jnp.einsum("ktgd,ktcd->ktgc", qg, k.astype(jnp.float32))
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            kv_pos = c * chunk + jnp.arange(chunk)[None, :]
+            mask = kv_pos <= pos[:, None]
+            if sliding_window is not None:
+                mask &= kv_pos > pos[:, None] - sliding_window
+            s = jnp.where(mask[None, :, None, :], s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - m_safe[..., None])
+            alpha = jnp.exp(m - m_safe)
+            l = l * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + jnp.einsum("ktgc,ktcd->ktgd", p, v.astype(jnp.float32))
+            return m_new, l, acc
+
+        init = (jnp.full((kvh, n, group), -jnp.inf, jnp.float32), jnp.zeros((kvh, n, group), jnp.float32),
+                jnp.zeros((kvh, n, group, head_dim), jnp.float32))
+        _, l, acc = lax.fori_loop(first_chunk, end_chunk, body, init)
+        return acc / jnp.where(l > 0, l, 1.0)[..., None]  # a token that sees no keys (padding) gets 0
+
+    outs = []
+    for g in range(num_groups):
+        sl = slice(g * per_group, (g + 1) * per_group)
+        qg = q_sorted[sl].reshape(per_group, kvh, group, head_dim).transpose(1, 0, 2, 3)
+        out = attend(qg, plan.positions[sl], plan.tables[sl], plan.chunk_ranges[g, 0], plan.chunk_ranges[g, 1])
+        outs.append(out.transpose(1, 0, 2, 3).reshape(per_group, num_heads, head_dim))
+    return jnp.concatenate(outs)[plan.inverse].astype(q.dtype)
 
 
 def paged_attention(q, k_pages, v_pages, batch: StepBatch, *, sm_scale: float, sliding_window=None,
-                    soft_cap=None, backend: str = "xla", token_tables=None):
+                    soft_cap=None, backend: str = "xla", plan: XlaAttentionPlan | None = None):
     if backend == "xla":
         return xla_paged_attention(q, k_pages, v_pages, batch, sm_scale=sm_scale, sliding_window=sliding_window,
-                                   soft_cap=soft_cap, token_tables=token_tables)
+                                   soft_cap=soft_cap, plan=plan)
     if backend in ("pallas", "pallas_interpret"):
         from pallas_kernels.paged_attention import ragged_paged_attention
 

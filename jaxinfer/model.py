@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.attention import DEFAULT_CHUNK_BLOCKS, paged_attention, token_block_tables, write_kv
+from jaxinfer.attention import paged_attention, plan_xla_attention, write_kv
 from jaxinfer.batch import StepBatch
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import apply_rope, linear, rms_norm, rope_inv_freq, rope_tables
@@ -28,7 +28,7 @@ class DecoderLayer(nn.Module):
         return self.param(name, init, shape, self.dtype)
 
     @nn.compact
-    def __call__(self, x, kv, batch: StepBatch, cos, sin, token_tables):
+    def __call__(self, x, kv, batch: StepBatch, cos, sin, plan):
         c = self.config
         d, hd, h, kvh = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
         lin = lambda v, name, shape, bias=None: linear(v, self._w(name, shape), bias, matmul_backend=self.matmul_backend)
@@ -42,7 +42,7 @@ class DecoderLayer(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_pages, v_pages = write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
         attn = paged_attention(q, k_pages, v_pages, batch, sm_scale=hd ** -0.5, sliding_window=c.sliding_window,
-                               backend=self.attention_backend, token_tables=token_tables)
+                               backend=self.attention_backend, plan=plan)
         x = x + lin(attn.reshape(t, h * hd), "wo", (h * hd, d))
 
         hn = rms_norm(x, self._w("mlp_norm", (d,), nn.initializers.ones), c.rms_norm_eps)
@@ -65,11 +65,13 @@ class LlamaModel(nn.Module):
         embed = self.param("embed", _init, (c.vocab_size, c.hidden_size), self.dtype)
         x = embed[batch.token_ids].astype(self.dtype)
         cos, sin = rope_tables(batch.positions, rope_inv_freq(c))
-        token_tables = token_block_tables(batch, DEFAULT_CHUNK_BLOCKS) if self.attention_backend == "xla" else None
+        plan = None
+        if self.attention_backend == "xla":  # computed once, shared by every layer
+            plan = plan_xla_attention(batch, block_size=kv_cache[0][0].shape[2], sliding_window=c.sliding_window)
         new_cache = []
         for i in range(c.num_layers):
             layer = DecoderLayer(c, self.dtype, self.attention_backend, self.matmul_backend, name=f"layers_{i}")
-            x, kv = layer(x, kv_cache[i], batch, cos, sin, token_tables)
+            x, kv = layer(x, kv_cache[i], batch, cos, sin, plan)
             new_cache.append(kv)
         if not all_logits:
             x = x[batch.logits_indices]  # only the rows we sample from go through the LM head
