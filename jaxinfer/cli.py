@@ -65,6 +65,7 @@ def _stream_to_terminal(llm, prompt, params) -> str:
 
 def cmd_generate(a) -> None:
     llm = _make_llm(a)
+    llm.warmup([_params(a)])  # compile (or load from the persistent cache) before timing anything
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}]) if a.chat_template \
         else a.prompt
     _stream_to_terminal(llm, prompt, _params(a))
@@ -72,6 +73,7 @@ def cmd_generate(a) -> None:
 
 def cmd_chat(a) -> None:
     llm = _make_llm(a)
+    llm.warmup([_params(a)])
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print("jaxinfer chat: empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:

@@ -109,7 +109,9 @@ def convert(src: str, dst: str, load_fn: Callable[[str], tuple], overwrite: bool
     save_checkpoint(dst, config, params, overwrite=overwrite)
     del params  # do not hold two copies while timing the restore
     if copy_tokenizer:
-        _copy_tokenizer(src, dst)
+        from jaxinfer.registry import resolve_model
+
+        _copy_tokenizer(resolve_model(src), dst)
     start = time.perf_counter()
     load_checkpoint(dst)
     from_orbax = time.perf_counter() - start
