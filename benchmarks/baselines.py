@@ -129,3 +129,156 @@ def run_hf_static(workload: Workload, model_path: str, batch_size: int = 16, thr
         outputs=outputs,
         notes=f"generated {computed} output tokens, {workload.num_output_tokens / computed:.0%} of them useful",
         extra={"computed_output_tokens": computed})
+
+
+# ------------------------------------------------------------------------------------------- llama.cpp
+
+_SILENCE_LLAMA_LOG = None  # keeps the ctypes log callback alive
+
+
+class LlamaCpp:
+    """A llama.cpp model + context through llama-cpp-python's low-level (C API) bindings.
+
+    Greedy decoding of many sequences at once: `run_workload` is a small continuous-batching loop in the
+    style of llama.cpp's server: up to `n_parallel` sequences are live; each `llama_decode` call carries
+    one token of every decoding sequence plus as many pending prompt tokens as fit in `n_batch`; a
+    finished sequence's KV is dropped and the next request is admitted. With n_parallel=1 it runs the
+    requests sequentially.
+    """
+
+    def __init__(self, model_path: str, n_parallel: int, max_seq_len: int, threads: int = 2,
+                 n_batch: int = 512, kv_unified: bool = False):
+        import llama_cpp
+
+        global _SILENCE_LLAMA_LOG
+        self.lib = llama_cpp
+        if _SILENCE_LLAMA_LOG is None:
+            _SILENCE_LLAMA_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+            llama_cpp.llama_log_set(_SILENCE_LLAMA_LOG, ctypes.c_void_p())
+            llama_cpp.llama_backend_init()
+        self.model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {model_path}")
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_seq_max = n_parallel
+        # Without kv_unified every sequence gets its own n_ctx / n_seq_max slots.
+        cparams.n_ctx = n_parallel * max_seq_len
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.kv_unified = kv_unified
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.n_parallel, self.n_batch = n_parallel, n_batch
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.kv_desc = f"n_ctx {cparams.n_ctx}, kv_unified {kv_unified}, n_batch {n_batch}, {threads} threads"
+
+    def close(self):
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)
+
+    def clear(self):
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """entries: (token, position, seq_id, wants_logits)."""
+        b = self.batch
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+        rc = self.lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def _argmax(self, batch_index: int) -> int:
+        logits = self.lib.llama_get_logits_ith(self.ctx, batch_index)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.n_vocab,))))
+
+    def run_workload(self, workload: Workload) -> list[list[int]]:
+        self.clear()
+        requests = workload.requests
+        outputs: list[list[int]] = [[] for _ in requests]
+        next_request = 0
+        free_slots = list(range(self.n_parallel))[::-1]
+        live: dict[int, dict] = {}  # seq_id -> {"req", "prefilled", "last"}
+        while next_request < len(requests) or live:
+            while free_slots and next_request < len(requests):
+                live[free_slots.pop()] = {"req": next_request, "prefilled": 0, "last": None}
+                next_request += 1
+            entries, samples = [], []  # samples: (seq_id, index in batch)
+            for seq, s in live.items():  # decodes first: one token each
+                if s["last"] is not None:
+                    pos = requests[s["req"]].prompt_len + len(outputs[s["req"]]) - 1
+                    samples.append((seq, len(entries)))
+                    entries.append((s["last"], pos, seq, True))
+            for seq, s in live.items():  # then prompt chunks, while the batch has room
+                prompt = requests[s["req"]].prompt_token_ids
+                while s["prefilled"] < len(prompt) and len(entries) < self.n_batch:
+                    last = s["prefilled"] == len(prompt) - 1
+                    if last:
+                        samples.append((seq, len(entries)))
+                    entries.append((prompt[s["prefilled"]], s["prefilled"], seq, last))
+                    s["prefilled"] += 1
+            self._decode(entries)
+            for seq, index in samples:
+                s = live[seq]
+                token = self._argmax(index)
+                out = outputs[s["req"]]
+                out.append(token)
+                s["last"] = token
+                if len(out) == requests[s["req"]].output_len:
+                    self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ctx), seq, -1, -1)
+                    del live[seq]
+                    free_slots.append(seq)
+        return outputs
+
+    def single_stream(self, prompt: Sequence[int], decode_tokens: int) -> tuple[float, float]:
+        """Returns (time to first token, decode tok/s over the tokens after the first)."""
+        self.clear()
+        t0 = time.perf_counter()
+        self._decode([(t, i, 0, i == len(prompt) - 1) for i, t in enumerate(prompt)])
+        token = self._argmax(len(prompt) - 1)
+        t1 = time.perf_counter()
+        for i in range(decode_tokens - 1):
+            self._decode([(token, len(prompt) + i, 0, True)])
+            token = self._argmax(0)
+        t2 = time.perf_counter()
+        return t1 - t0, (decode_tokens - 1) / (t2 - t1)
+
+
+def run_llamacpp(workload: Workload, model_path: str, mode: str = "batched", n_parallel: int = 32,
+                 threads: int = 2, runs: int = 1) -> ThroughputResult:
+    """mode "batched": continuous batching of up to n_parallel sequences; "sequential": one at a time."""
+    if mode not in ("batched", "sequential"):
+        raise ValueError(f"unknown llama.cpp mode {mode!r}")
+    n_parallel = n_parallel if mode == "batched" else 1
+    n_batch = 512 if mode == "batched" else 256
+    llm = LlamaCpp(model_path, n_parallel, workload.max_total_len, threads, n_batch=n_batch)
+    try:
+        warm = Workload(tuple(dataclasses.replace(r, output_len=4) for r in workload.requests[:2]), workload.seed)
+        llm.run_workload(warm)  # warm-up, not timed
+        walls, outputs = timed_runs(lambda: llm.run_workload(workload), runs)
+        desc = llm.kv_desc
+    finally:
+        llm.close()
+    label = f"llama.cpp batched (≤{n_parallel} seqs)" if mode == "batched" else "llama.cpp sequential"
+    return ThroughputResult(system=label, runs_wall_s=walls, useful_output_tokens=workload.num_output_tokens,
+                            prompt_tokens=workload.num_prompt_tokens, outputs=outputs,
+                            notes=f"Q4_1 weights, {desc}")
+
+
+def llamacpp_single_stream(model_path: str, prompt: Sequence[int], decode_tokens: int = 128,
+                           threads: int = 2, runs: int = 3) -> SingleStreamResult:
+    llm = LlamaCpp(model_path, 1, len(prompt) + decode_tokens, threads, n_batch=max(256, len(prompt)))
+    try:
+        llm.single_stream(prompt, 8)  # warm-up
+        results = [llm.single_stream(prompt, decode_tokens) for _ in range(runs)]
+    finally:
+        llm.close()
+    return SingleStreamResult(
+        system="llama.cpp", prompt_len=len(prompt), decode_tokens=decode_tokens,
+        ttft_s=statistics.median(r[0] for r in results), decode_tok_s=statistics.median(r[1] for r in results),
+        notes=f"Q4_1 weights, {threads} threads, median of {runs}")
