@@ -23,10 +23,14 @@ from jaxinfer.model import LlamaModel, init_kv_cache
 
 
 def token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, ...]:
-    """Powers of two from `smallest` up to (and including) max_num_batched_tokens."""
+    """Token-count buckets: 8, 16, 24, 32, 48, 64, 96, 128, ... (powers of two and 1.5x between them), up to
+    and including max_num_batched_tokens. Half-steps cap padding at a third of a step instead of a half."""
     out, b = [], smallest
     while b < max_num_batched_tokens:
         out.append(b)
+        half = b + b // 2
+        if b >= 16 and half < max_num_batched_tokens:
+            out.append(half)
         b *= 2
     out.append(max_num_batched_tokens)
     return tuple(out)
