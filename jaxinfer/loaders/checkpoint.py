@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.loaders.common import CheckpointError, params_nbytes
+from jaxinfer.loaders.common import CheckpointError, params_nbytes, read_json
 
 CONFIG_FILE = "jaxinfer_config.json"  # what jaxinfer.loaders.load_weights looks for
 PARAMS_DIR = "params"
@@ -185,11 +185,7 @@ def _read_config(path: str) -> tuple[ModelConfig, dict]:
     file = os.path.join(path, CONFIG_FILE)
     if not is_orbax_checkpoint(path):
         raise CheckpointError(f"{path} is not a jaxinfer orbax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
-    try:
-        with open(file) as f:
-            hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot parse {file}: {e}") from None
+    hf = read_json(file)
     name = hf.pop("name", "")
     hf.pop(FORMAT_KEY, None)
     quantized = hf.pop(QUANT_KEY, None) or {}

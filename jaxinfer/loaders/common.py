@@ -5,6 +5,7 @@ Every source format (safetensors, GGUF, ...) only has to provide `get(hf_name) -
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
@@ -25,6 +26,15 @@ _LAYER_LINEARS = {  # our name -> HF name (under model.layers.{i}.)
     "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj",
 }
 _LAYER_BIASES = {"bq": "self_attn.q_proj", "bk": "self_attn.k_proj", "bv": "self_attn.v_proj"}
+
+
+def read_json(file: str) -> dict:
+    """A JSON config file, with a CheckpointError naming the file when it is unreadable."""
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot parse {file}: {e}") from None
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.loaders.common import CheckpointError, build_params, params_nbytes
+from jaxinfer.loaders.common import CheckpointError, build_params, params_nbytes, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,11 +42,7 @@ def read_hf_config(model_dir: str) -> dict:
     file = os.path.join(model_dir, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"{model_dir} has no config.json (expected a Hugging Face model directory)")
-    try:
-        with open(file) as f:
-            hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot parse {file}: {e}") from None
+    hf = read_json(file)
     return hf
 
 
