@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer import sampler
 from jaxinfer.attention import default_attention_backend
@@ -213,14 +214,13 @@ class LLMEngine:
         self.scheduler.on_step_done(sched, sampled)
 
         touched: dict[str, _Request] = {}
-        offset = 0
+        offsets = np.cumsum([0] + [s.num_new_tokens for s in sched.scheduled])
         for i, s in enumerate(sched.scheduled):
             req = self._requests.get(s.seq.request_id)
             if req is None:
                 continue
             if prompt_lp is not None and any(t >= 0 for t in targets[i]):
-                self._add_prompt_logprobs(req, prompt_lp, offset, targets[i])
-            offset += s.num_new_tokens
+                self._add_prompt_logprobs(req, prompt_lp, int(offsets[i]), targets[i])
             if s.samples and s.seq.status == SequenceStatus.RUNNING:
                 self._append_token(req, s.seq, result, i)
                 touched[req.request_id] = req
