@@ -105,6 +105,7 @@ class LLMEngine:
             enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
             policy=args.scheduler_policy))
         self._requests: dict[str, _Request] = {}
+        self._static_rows = 0  # static policy: rows the current batch keeps until it finishes
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._stats = {"num_requests": 0, "num_generated_tokens": 0, "num_prompt_tokens": 0}
@@ -189,9 +190,14 @@ class LLMEngine:
 
     # ---------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        new_batch = self.scheduler.num_running == 0
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        if self.args.scheduler_policy == "static":
+            # Static batching as in HF generate and the vLLM paper's baseline: the batch keeps its rows until its
+            # longest request ends, finished sequences becoming padding rows.
+            self._static_rows = len(sched.scheduled) if new_batch else max(self._static_rows, len(sched.scheduled))
         self.runner.copy_blocks(sched.blocks_to_copy)
         chunks, rows, targets = [], [], []
         need_prompt_logprobs = False
@@ -209,7 +215,8 @@ class LLMEngine:
             n_prompt = seq.num_prompt_tokens
             targets.append([tokens[p + 1] if wants and p + 1 < n_prompt else -1
                             for p in range(s.start, s.start + s.num_new_tokens)])
-        result, prompt_lp = self.runner.execute(chunks, rows, targets if need_prompt_logprobs else None)
+        result, prompt_lp = self.runner.execute(chunks, rows, targets if need_prompt_logprobs else None,
+                                                min_tokens=self._static_rows)
         sampled = {s.seq.seq_id: int(result.token_ids[i]) for i, s in enumerate(sched.scheduled) if s.samples}
         self.scheduler.on_step_done(sched, sampled)
 

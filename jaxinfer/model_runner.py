@@ -87,17 +87,19 @@ class ModelRunner:
         return (logits, prompt_lp), kv_cache
 
     # -------------------------------------------------------------------------------------------- host side
-    def prepare(self, chunks: list[SeqChunk]):
-        num_tokens = bucket(sum(len(c.token_ids) for c in chunks), self.buckets)
+    def prepare(self, chunks: list[SeqChunk], min_tokens: int = 0):
+        num_tokens = bucket(max(sum(len(c.token_ids) for c in chunks), min_tokens), self.buckets)
         return build_step_batch(chunks, num_tokens=num_tokens, num_seqs=self.num_rows(num_tokens),
                                 max_blocks=self.max_blocks, block_size=self.block_size, num_blocks=self.num_blocks)
 
-    def execute(self, chunks: list[SeqChunk], rows: list[sampler.RowInfo], prompt_targets=None):
+    def execute(self, chunks: list[SeqChunk], rows: list[sampler.RowInfo], prompt_targets=None,
+                min_tokens: int = 0):
         """Run one step; row i of the sampler output belongs to chunks[i]. Only the sampled ids (and logprobs
         when asked) come back to the host:
         (SamplerOutput, prompt logprobs or None). prompt_targets: per chunk, the next prompt token of each
-        of its tokens (-1 = none), only when some request asked for prompt_logprobs."""
-        batch = self.prepare(chunks)
+        of its tokens (-1 = none), only when some request asked for prompt_logprobs. min_tokens pads the batch
+        to at least that many token rows (static batching keeps finished rows as padding)."""
+        batch = self.prepare(chunks, min_tokens)
         tensors, flags = sampler.make_sampling_tensors(rows, batch.logits_indices.shape[0], self.config.vocab_size)
         targets = None
         if prompt_targets is not None:
