@@ -175,3 +175,16 @@ def test_stream_yields_deltas_and_abandoned_stream_frees_blocks(llm):
     next(stream)
     stream.close()  # consumer walks away
     assert _pool_is_full(llm)
+
+
+def test_static_policy_gives_the_same_greedy_tokens(llm, tokenizer):
+    """The benchmark's static-batching baseline computes the same tokens, with padded rows as batches drain."""
+    from jaxinfer import LLM
+    from conftest import SMALL_ENGINE
+
+    static = LLM("smollm2-135m", scheduler_policy="static", **SMALL_ENGINE)
+    prompts = [wikitext_ids(tokenizer, 15 + 11 * i, offset=9000 + 131 * i) for i in range(10)]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 5 * i, ignore_eos=True) for i in range(10)]
+    assert [o.token_ids for o in static.generate(prompts, params)] == \
+        [o.token_ids for o in llm.generate(prompts, params)]
+    assert static.engine.metrics()["used_blocks"] == 0
