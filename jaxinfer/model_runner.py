@@ -114,10 +114,9 @@ class ModelRunner:
         """Copy-on-write: duplicate whole blocks (all layers) before the step that writes them."""
         if not pairs:
             return
-        n = 1 << (len(pairs) - 1).bit_length()  # bucket the count; padding copies block 0 onto itself
-        src = np.zeros(n, np.int32)
-        dst = np.zeros(n, np.int32)
-        src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
+        n = 1 << (len(pairs) - 1).bit_length()  # bucket the count; padding repeats the first copy (idempotent)
+        padded = list(pairs) + [pairs[0]] * (n - len(pairs))
+        src, dst = (np.asarray(col, np.int32) for col in zip(*padded))
         self.kv_cache = self._copy(self.kv_cache, src, dst)
 
     def warmup(self, param_variants) -> float:
@@ -134,11 +133,15 @@ class ModelRunner:
             tensors, flags = sampler.make_sampling_tensors(rows, self.num_rows(num_tokens), self.config.vocab_size)
             (logits, _), self.kv_cache = self._forward(self.params, self.kv_cache, batch, None)
             jax.block_until_ready(self._sample(logits, tensors, flags=flags, eos_token_ids=self.eos_token_ids))
+        n = 1
+        while n <= self.max_num_seqs:  # copy-on-write block copies, bucketed by count
+            self.copy_blocks([(0, 0)] * n)
+            n *= 2
         return time.perf_counter() - start
 
     def num_compiled(self) -> int:
-        """Compiled executables of the step (forward + sampler variants): constant after warm-up."""
-        return self._forward._cache_size() + self._sample._cache_size()
+        """Compiled executables (forward, sampler variants, block copies): constant after warm-up."""
+        return self._forward._cache_size() + self._sample._cache_size() + self._copy._cache_size()
 
 
 def _copy_blocks(kv_cache, src, dst):
