@@ -83,8 +83,8 @@ class LLMEngine:
         kv_dtype = _DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else dtype
         self.config, params = load_weights(args.model, dtype, verbose=args.verbose)
         path = resolve_model(args.model)
-        self.tokenizer = load_tokenizer(args.tokenizer or path) if not path.startswith("random:") or args.tokenizer \
-            else None
+        tokenizer_source = args.tokenizer or (None if path.startswith("random:") else path)  # random weights: none
+        self.tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
         self.eos_token_ids = set(self.config.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
         self.max_model_len = min(args.max_model_len or min(self.config.max_position_embeddings, 2048),
                                  self.config.max_position_embeddings)

@@ -353,9 +353,6 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._seqs) - len(self.running)  # queued + siblings waiting to be forked
 
-    def get_sequence(self, seq_id: int) -> Sequence | None:
-        return self._seqs.get(seq_id)
-
     def metrics(self) -> dict[str, float]:
         m = bp.metrics(self.pool)
         m.update(num_running=self.num_running, num_waiting=self.num_waiting,
