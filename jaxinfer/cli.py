@@ -10,7 +10,10 @@ import numpy as np
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="registered name, .gguf file, HF dir or orbax checkpoint")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"],
+                   help="activation dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--weight-dtype", default=None, choices=[None, "float32", "bfloat16", "float16"],
+                   help="stored weight dtype (default: bfloat16; float32 for bit-level parity with HF fp32)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -31,8 +34,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _make_llm(a, **overrides):
     from jaxinfer import LLM
 
-    kwargs = dict(model=a.model, dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                  max_num_batched_tokens=a.max_num_batched_tokens, num_kv_blocks=a.num_kv_blocks,
+    kwargs = dict(model=a.model, dtype=a.dtype, weight_dtype=a.weight_dtype, max_model_len=a.max_model_len,
+                  max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, num_kv_blocks=a.num_kv_blocks,
                   block_size=a.block_size, enable_prefix_caching=not a.no_prefix_caching,
                   attention_backend=a.attention_backend)
     kwargs.update(overrides)

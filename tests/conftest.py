@@ -62,8 +62,10 @@ def max_abs_diff(a, b) -> float:
 
 # One engine configuration shared by every test file that needs the real model, so the persistent compilation
 # cache serves all of them after the first compile. The small KV pool (64 blocks = 1024 tokens) makes busy
-# tests preempt, which they must survive with identical outputs.
-SMALL_ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512, num_kv_blocks=64)
+# tests preempt, which they must survive with identical outputs. fp32 weights (the default is bf16) so that greedy
+# tokens and logprobs can be held exactly to HF's fp32 ones.
+SMALL_ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512, num_kv_blocks=64,
+                    weight_dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,7 @@ def test_quantized_weights_round_trip(tmp_path):
     _, loaded = load_checkpoint(str(tmp_path / "q"))
     _assert_trees_equal(params, loaded)  # same treedef: QuantizedWeight nodes with bits/group_size
     _, cast = load_checkpoint(str(tmp_path / "q"), dtype=jnp.float32)
-    assert cast["embed"].dtype == jnp.float32
+    assert cast["lm_head"].dtype == jnp.float32
     assert cast["layers_1"]["w_up"].scales.dtype == jnp.float16  # quantized parts are never cast
     assert cast["layers_0"]["wq"].scales.dtype == jnp.bfloat16
 
@@ -75,7 +75,7 @@ def test_mixed_dtypes_and_cast_on_load(tmp_path):
     _assert_trees_equal(params, same)  # per-leaf dtypes preserved
     _, cast = load_checkpoint(str(tmp_path / "c"), dtype=jnp.bfloat16)
     assert {x.dtype for x in jax.tree_util.tree_leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
-    np.testing.assert_array_equal(np.asarray(cast["embed"]), np.asarray(params["embed"].astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(np.asarray(cast["lm_head"]), np.asarray(params["lm_head"].astype(jnp.bfloat16)))
 
 
 def test_relative_paths(tmp_path, monkeypatch):

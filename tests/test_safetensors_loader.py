@@ -44,11 +44,12 @@ def _assert_params_equal(config, params, sd):
         assert ours.shape == theirs.shape
         np.testing.assert_array_equal(ours, theirs)
 
-    eq(params["embed"], sd["model.embed_tokens.weight"])
     eq(params["final_norm"], sd["model.norm.weight"])
-    if config.tie_word_embeddings:
-        assert "lm_head" not in params
+    if config.tie_word_embeddings:  # one [hidden, vocab] matrix serves the lookup and the LM head
+        assert "embed" not in params
+        eq(params["lm_head"], sd["model.embed_tokens.weight"].T)
     else:
+        eq(params["embed"], sd["model.embed_tokens.weight"])
         eq(params["lm_head"], sd["lm_head.weight"].T)
     # docs/ARCHITECTURE.md: one "layers_{i}" dict per layer (Flax linen submodule names)
     assert sorted(k for k in params if k.startswith("layers_")) == [f"layers_{i}" for i in range(config.num_layers)]
@@ -76,7 +77,7 @@ def test_single_file_round_trip(arch, tmp_path):
     assert config.rope_theta == 5000.0  # transformers 5 stores it under rope_parameters
     assert config.attention_bias == (arch == "qwen2")
     assert config.sliding_window == (32 if arch == "mistral" else None)
-    assert params["embed"].dtype == jnp.float32
+    assert params["lm_head"].dtype == jnp.float32
     _assert_params_equal(config, params, sd)
 
 

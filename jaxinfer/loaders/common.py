@@ -75,8 +75,11 @@ def build_params(config: ModelConfig, get: Callable[[str], np.ndarray], dtype, d
             arr = arr.T
         return jnp.asarray(arr.astype(np.float32), dtype=dtype)
 
-    params = {"embed": fetch("model.embed_tokens.weight"), "final_norm": fetch("model.norm.weight")}
-    if not config.tie_word_embeddings:
+    params = {"final_norm": fetch("model.norm.weight")}
+    if config.tie_word_embeddings:  # one [hidden, vocab] matrix serves both ends (model.py says why)
+        params["lm_head"] = fetch("model.embed_tokens.weight", transpose=True)
+    else:
+        params["embed"] = fetch("model.embed_tokens.weight")
         params["lm_head"] = fetch("lm_head.weight", transpose=True)
     for i in tqdm(range(config.num_layers), desc=desc, unit="layer", disable=_quiet()):
         p = f"model.layers.{i}."
