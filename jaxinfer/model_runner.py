@@ -22,17 +22,19 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.model import LlamaModel, init_kv_cache
 
 
-def token_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
-    """Token-count buckets: 2, 4, 8, 16, 24, 32, 48, 64, 96, ... (powers of two, and 1.5x steps from 16 on), up
-    to and including max_num_batched_tokens. Half-steps cap padding at a third of a step instead of a half; the
-    small buckets keep single-stream decode from paying for 8 rows of matmul. No bucket of 1: XLA CPU turns a
-    one-row KV scatter into a select over the whole cache (measured: 2.4 s a step with a 2 GiB cache)."""
+def token_buckets(max_num_batched_tokens: int, max_num_seqs: int = 0) -> tuple[int, ...]:
+    """Token-count buckets: 2, 4, 8, 16, then quarter steps (20, 24, 28, 32, 40, ...) up to max_num_seqs, where
+    decode-only steps live, and half steps (96, 128, 192, ...) above it, up to and including
+    max_num_batched_tokens. A CPU step costs about its row count, so padding rows cost real time; quarter steps cap
+    it at a fifth of a decode step. The small buckets keep single-stream decode from paying for 8 rows of matmul.
+    No bucket of 1: XLA CPU turns a one-row KV scatter into a select over the whole cache (measured: 2.4 s a
+    step with a 2 GiB cache)."""
     out, b = [], 2
     while b < max_num_batched_tokens:
         out.append(b)
-        half = b + b // 2
-        if b >= 16 and half < max_num_batched_tokens:
-            out.append(half)
+        if b >= 16:
+            step = b // 4 if b < max_num_seqs else b // 2
+            out.extend(x for x in range(b + step, 2 * b, step) if x < max_num_batched_tokens)
         b *= 2
     out.append(max_num_batched_tokens)
     return tuple(out)
@@ -57,7 +59,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
-        self.buckets = token_buckets(max_num_batched_tokens)
+        self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs)
         blocks = math.ceil(max_model_len / block_size)
         self.max_blocks = math.ceil(blocks / DEFAULT_CHUNK_BLOCKS) * DEFAULT_CHUNK_BLOCKS
         self.kv_cache = init_kv_cache(config, num_blocks, block_size, kv_dtype)

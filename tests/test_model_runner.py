@@ -13,12 +13,14 @@ TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_laye
 
 
 def test_token_buckets_cover_every_count_with_bounded_padding():
-    buckets = token_buckets(512)
+    buckets = token_buckets(512, max_num_seqs=64)
     assert buckets[:3] == (2, 4, 8) and buckets[-1] == 512 and list(buckets) == sorted(set(buckets))
     for n in range(1, 513):
         b = next(b for b in buckets if b >= n)
         assert b - n < max(n / 2, 8)  # at most a third of the bucket (or the smallest bucket) is padding
-    assert token_buckets(100)[-1] == 100
+        if 16 <= n <= 64:
+            assert b - n < n / 4  # decode-sized steps: at most a fifth is padding
+    assert token_buckets(100)[-1] == 100 and token_buckets(100, 128)[-1] == 100
 
 
 def test_copy_blocks_copies_every_pair_and_nothing_else():
