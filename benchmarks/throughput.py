@@ -235,12 +235,12 @@ def parse_args(argv=None):
     p.add_argument("--hf-runs", type=int, default=1, help="timed runs for HF (slow: ~4 min per run at 64 requests)")
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads")
     p.add_argument("--hf-batch-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=32,
-                   help="jaxinfer max_num_seqs (keep it well below --num-requests, or continuous batching has "
-                        "nothing to refill)")
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="jaxinfer max_num_seqs (at the default 64 requests every request is admitted at once: "
+                        "continuous batching then drops finished rows rather than refilling them)")
     p.add_argument("--llamacpp-mode", choices=("batched", "sequential"), default="batched")
-    p.add_argument("--llamacpp-parallel", type=int, default=32,
-                   help="max live sequences, llama.cpp batched (its decode saturates from ~32)")
+    p.add_argument("--llamacpp-parallel", type=int, default=64,
+                   help="max live sequences, llama.cpp batched (same as jaxinfer's max_num_seqs by default)")
     p.add_argument("--single-stream-tokens", type=int, default=128, help="decode length of the single-stream test")
     p.add_argument("--max-model-len", type=int, default=2048,
                    help="contiguous reservation for the memory section (jaxinfer's default max_model_len)")

@@ -145,10 +145,11 @@ def _block_hash(parent: int, tokens: Sequence[int]) -> int:
     return hash((parent, tuple(tokens)))
 
 
-def _match_prefix(state: BlockPoolState, token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+def _match_prefix(state: BlockPoolState, token_ids: Sequence[int], use_cache: bool = True
+                  ) -> tuple[list[int], list[int]]:
     """Cached blocks (and their hashes) covering the longest cached full-block prefix of ``token_ids``,
     leaving at least the last token uncached so the model has a position to produce logits from."""
-    if not state.enable_prefix_caching:
+    if not (state.enable_prefix_caching and use_cache):
         return [], []
     bs = state.block_size
     blocks, hashes, parent = [], [], _ROOT_HASH
@@ -165,9 +166,9 @@ def _match_prefix(state: BlockPoolState, token_ids: Sequence[int]) -> tuple[list
 
 # ---------------------------------------------------------------------------------------------- queries
 
-def num_cached_tokens(state: BlockPoolState, token_ids: Sequence[int]) -> int:
+def num_cached_tokens(state: BlockPoolState, token_ids: Sequence[int], use_cache: bool = True) -> int:
     """Leading tokens of ``token_ids`` that ``allocate`` would serve from the prefix cache."""
-    return len(_match_prefix(state, token_ids)[0]) * state.block_size
+    return len(_match_prefix(state, token_ids, use_cache)[0]) * state.block_size
 
 
 def num_free_blocks(state: BlockPoolState) -> int:
@@ -175,8 +176,8 @@ def num_free_blocks(state: BlockPoolState) -> int:
     return len(state.free_blocks) + len(state.cached)
 
 
-def _alloc_need(state: BlockPoolState, token_ids: Sequence[int], num_new_tokens: int | None):
-    hit_blocks, hashes = _match_prefix(state, token_ids)
+def _alloc_need(state: BlockPoolState, token_ids: Sequence[int], num_new_tokens: int | None, use_cache: bool):
+    hit_blocks, hashes = _match_prefix(state, token_ids, use_cache)
     num_hit = len(hit_blocks) * state.block_size
     if num_new_tokens is None:
         num_new_tokens = len(token_ids) - num_hit
@@ -186,14 +187,15 @@ def _alloc_need(state: BlockPoolState, token_ids: Sequence[int], num_new_tokens:
     return hit_blocks, hashes, num_hit, num_new_tokens, new_blocks, available
 
 
-def can_allocate(state: BlockPoolState, token_ids: Sequence[int], num_new_tokens: int | None = None) -> bool:
-    *_, new_blocks, available = _alloc_need(state, token_ids, num_new_tokens)
+def can_allocate(state: BlockPoolState, token_ids: Sequence[int], num_new_tokens: int | None = None,
+                 use_cache: bool = True) -> bool:
+    *_, new_blocks, available = _alloc_need(state, token_ids, num_new_tokens, use_cache)
     return new_blocks <= available
 
 
-def max_allocatable_tokens(state: BlockPoolState, token_ids: Sequence[int]) -> int:
+def max_allocatable_tokens(state: BlockPoolState, token_ids: Sequence[int], use_cache: bool = True) -> int:
     """Most tokens past the cached prefix of ``token_ids`` that ``allocate`` could reserve right now."""
-    hit_blocks, _, num_hit, _, _, available = _alloc_need(state, token_ids, 0)
+    hit_blocks, _, num_hit, _, _, available = _alloc_need(state, token_ids, 0, use_cache)
     return min(len(token_ids) - num_hit, available * state.block_size)
 
 
@@ -241,17 +243,18 @@ def metrics(state: BlockPoolState) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- operations
 
 def allocate(state: BlockPoolState, seq_id: int, token_ids: Sequence[int],
-             num_new_tokens: int | None = None) -> tuple[BlockPoolState, int]:
+             num_new_tokens: int | None = None, use_cache: bool = True) -> tuple[BlockPoolState, int]:
     """Give a new sequence its first blocks. Returns ``(state, num_cached)``.
 
     Leading full blocks of ``token_ids`` found in the prefix cache are shared (ref count +1) and their
     ``num_cached`` tokens need no compute; fresh blocks then cover ``num_new_tokens`` more tokens (default:
     the rest of ``token_ids``). ``token_ids`` may be longer than what is reserved (chunked prefill).
+    ``use_cache=False`` skips the lookup (the sequence still registers its own full blocks for others).
     """
     if seq_id in state.seqs:
         raise ValueError(f"sequence {seq_id} already has blocks")
     hit_blocks, hashes, num_hit, num_new_tokens, new_blocks, available = _alloc_need(
-        state, token_ids, num_new_tokens)
+        state, token_ids, num_new_tokens, use_cache)
     if num_new_tokens < 0 or num_hit + num_new_tokens > len(token_ids):
         raise ValueError(f"cannot reserve {num_new_tokens} tokens past {num_hit} cached of {len(token_ids)}")
     if new_blocks > available:

@@ -163,7 +163,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
 
         seed = sampler.new_request_seed()
-        seqs = [Sequence(next(self._seq_ids), request_id, ids, params, group_id=0 if params.n > 1 else None)
+        seqs = [Sequence(next(self._seq_ids), request_id, ids, params, group_id=0 if params.n > 1 else None,
+                         skip_prefix_cache=params.prompt_logprobs is not None)  # as vLLM: every position computed
                 for _ in range(params.n)]
         detoks = [OutputDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens, prompt_ids=ids)
                   if self.tokenizer else None for _ in seqs]
@@ -212,11 +213,12 @@ class LLMEngine:
                                         step=len(seq.output_token_ids), prompt_token_ids=seq.prompt_token_ids,
                                         output_token_ids=seq.output_token_ids)
                         if s.samples else sampler.RowInfo(params=_NO_SAMPLE, seed=0, step=0))
-            wants = req.prompt_logprobs is not None and index == 0 and s.start < seq.num_prompt_tokens
-            need_prompt_logprobs |= wants
-            n_prompt = seq.num_prompt_tokens
-            targets.append([tokens[p + 1] if wants and p + 1 < n_prompt else -1
+            # Entry j of prompt_logprobs is for prompt token j; positions recomputed after a preemption already
+            # have theirs.
+            have = len(req.prompt_logprobs) if req.prompt_logprobs is not None and index == 0 else seq.num_prompt_tokens
+            targets.append([tokens[p + 1] if have <= p + 1 < seq.num_prompt_tokens else -1
                             for p in range(s.start, s.start + s.num_new_tokens)])
+            need_prompt_logprobs |= any(t >= 0 for t in targets[-1])
         result, prompt_lp = self.runner.execute(chunks, rows, targets if need_prompt_logprobs else None,
                                                 min_tokens=self._static_rows)
         sampled = {s.seq.seq_id: int(result.token_ids[i]) for i, s in enumerate(sched.scheduled) if s.samples}

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.attention import paged_attention, plan_xla_attention, write_kv
+from jaxinfer.attention import keys_transposed, paged_attention, plan_xla_attention, write_kv
 from jaxinfer.batch import StepBatch
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import apply_rope, linear, rms_norm, rope_inv_freq, rope_tables
@@ -40,7 +40,8 @@ class DecoderLayer(nn.Module):
         k = lin(hn, "wk", (d, kvh * hd), bias("bk", kvh * hd)).reshape(t, kvh, hd)
         v = lin(hn, "wv", (d, kvh * hd), bias("bv", kvh * hd)).reshape(t, kvh, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
+        k_pages, v_pages = write_kv(kv[0], kv[1], k, v, batch.slot_mapping,
+                                    keys_transposed=keys_transposed(self.attention_backend))
         attn = paged_attention(q, k_pages, v_pages, batch, sm_scale=hd ** -0.5, sliding_window=c.sliding_window,
                                backend=self.attention_backend, plan=plan)
         x = x + lin(attn.reshape(t, h * hd), "wo", (h * hd, d))
@@ -72,7 +73,7 @@ class LlamaModel(nn.Module):
         cos, sin = rope_tables(batch.positions, rope_inv_freq(c))
         plan = None
         if self.attention_backend == "xla":  # computed once, shared by every layer
-            plan = plan_xla_attention(batch, block_size=kv_cache[0][0].shape[2], sliding_window=c.sliding_window)
+            plan = plan_xla_attention(batch, block_size=kv_cache[0][1].shape[2], sliding_window=c.sliding_window)
         new_cache = []
         for i in range(c.num_layers):
             layer = DecoderLayer(c, self.dtype, self.attention_backend, self.matmul_backend, name=f"layers_{i}")
@@ -93,6 +94,9 @@ def _gather_columns(matrix, ids):
                           mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def init_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype):
-    shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+def init_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype, attention_backend: str = "xla"):
+    """Per layer (k_pages, v_pages). V: [KVH, num_blocks, block_size, head_dim]; K the same, or with the last two
+    axes swapped for the XLA path (attention.keys_transposed)."""
+    v_shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
+    k_shape = v_shape[:2] + v_shape[:1:-1] if keys_transposed(attention_backend) else v_shape
+    return tuple((jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in range(config.num_layers))

@@ -62,7 +62,7 @@ class ModelRunner:
         self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs)
         blocks = math.ceil(max_model_len / block_size)
         self.max_blocks = math.ceil(blocks / DEFAULT_CHUNK_BLOCKS) * DEFAULT_CHUNK_BLOCKS
-        self.kv_cache = init_kv_cache(config, num_blocks, block_size, kv_dtype)
+        self.kv_cache = init_kv_cache(config, num_blocks, block_size, kv_dtype, attention_backend)
         self.model = LlamaModel(config, dtype=dtype, attention_backend=attention_backend,
                                 matmul_backend=matmul_backend)
         self.eos_token_ids = tuple(config.eos_token_ids)

@@ -228,20 +228,21 @@ class Scheduler:
                 raise SchedulerError(f"{seq} is longer than max_model_len={cfg.max_model_len}")
             target = self._target_len(seq)
             token_ids = seq.all_token_ids[:target]
-            num_cached = bp.num_cached_tokens(self.pool, token_ids)
+            use_cache = not seq.skip_prefix_cache
+            num_cached = bp.num_cached_tokens(self.pool, token_ids, use_cache)
             remaining = target - num_cached
             chunk = min(remaining, budget)
             if not cfg.enable_chunked_prefill and chunk < remaining:
                 chunk = 0
             if cfg.enable_chunked_prefill:
-                chunk = min(chunk, bp.max_allocatable_tokens(self.pool, token_ids))
+                chunk = min(chunk, bp.max_allocatable_tokens(self.pool, token_ids, use_cache))
             # Continuous batching admits only what it computes now; static admits the whole batch at once and
             # computes the prompts over the next steps (as the budget allows).
             if chunk == 0 and not static:
                 break
-            if not bp.can_allocate(self.pool, token_ids, chunk):
+            if not bp.can_allocate(self.pool, token_ids, chunk, use_cache):
                 break
-            self.pool, num_cached = bp.allocate(self.pool, seq.seq_id, token_ids, chunk)
+            self.pool, num_cached = bp.allocate(self.pool, seq.seq_id, token_ids, chunk, use_cache)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.num_computed_tokens = seq.num_cached_tokens = num_cached

@@ -31,6 +31,8 @@ class Sequence:
     prompt_token_ids: list[int]
     sampling_params: Any = None  # opaque to the scheduler; the engine decides when to stop
     group_id: Any = None  # siblings of one prompt (n > 1) share it; None = no siblings
+    # Skip prefix-cache hits at admission: prompt log-probs need every prompt position run through the model.
+    skip_prefix_cache: bool = False
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     # Tokens whose K/V is in the cache. Tokens num_computed_tokens..num_tokens-1 still have to be run

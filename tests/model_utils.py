@@ -18,7 +18,7 @@ def prefill_logits(config, params, token_ids: list[int], *, block_size: int = 16
     n = len(token_ids)
     num_blocks = math.ceil(n / block_size) + 2
     table = list(range(num_blocks - 1, 0, -1))[: math.ceil(n / block_size)]
-    kv = init_kv_cache(config, num_blocks, block_size, dtype)
+    kv = init_kv_cache(config, num_blocks, block_size, dtype, attention_backend)
     model = LlamaModel(config, dtype=dtype, attention_backend=attention_backend)
     fn = jax.jit(lambda p, kv, b: model.apply({"params": p}, kv, b, all_logits=True), donate_argnums=1)
     chunk = chunk or n

@@ -116,6 +116,25 @@ def test_logprobs_match_hf(llm, tokenizer, hf_model):
         assert abs(entry[prompt[i]] - ref[i - 1][prompt[i]]) < 2e-3
 
 
+def test_prompt_logprobs_complete_despite_prefix_cache_and_preemption(llm, tokenizer, hf_model):
+    """The prompt's blocks are in the prefix cache and the pool is too small for the batch: every prompt position
+    still gets exactly one entry, equal to HF's."""
+    prompt = wikitext_ids(tokenizer, 60, offset=900)
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))  # caches the prompt's full blocks
+    preemptions = llm.engine.metrics()["num_preemptions"]
+    others = [wikitext_ids(tokenizer, 100, offset=7000 + 211 * i) for i in range(7)]
+    params = [SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)] * 7 + [
+        SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True, prompt_logprobs=1)]
+    out = llm.generate(others + [prompt], params)[-1]
+    assert llm.engine.metrics()["num_preemptions"] > preemptions
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0], -1).numpy()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        assert abs(entry[prompt[i]] - ref[i - 1][prompt[i]]) < 2e-3
+    assert _pool_is_full(llm)
+
+
 def test_n_samples_share_prompt_and_differ(llm, tokenizer):
     prompt = wikitext_ids(tokenizer, 50, offset=400)
     out = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True))[0]
