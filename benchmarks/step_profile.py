@@ -68,7 +68,8 @@ def main() -> None:
     parts = ("schedule", "batch build", "dispatch", "device wait")
     print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; max_num_seqs {a.max_num_seqs}, "
           f"weights {llm.engine.runner.params['final_norm'].dtype}")
-    print(f"wall {wall:.1f} s, {workload.num_output_tokens / wall:.1f} useful output tok/s, {sum(steps.values())} steps\n")
+    print(f"wall {wall:.1f} s, {workload.num_output_tokens / wall:.1f} useful output tok/s, "
+          f"{sum(steps.values())} steps\n")
     print("| part | seconds | share |\n|---|---|---|")
     for name in parts:
         print(f"| {name} | {seconds[name]:.2f} | {seconds[name] / wall:.1%} |")

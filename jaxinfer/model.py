@@ -69,7 +69,8 @@ class LlamaModel(nn.Module):
             # transposed [vocab, hidden] operand, while gathering T columns for the lookup costs little.
             x = _gather_columns(lm_head, batch.token_ids).astype(self.dtype)
         else:
-            x = self.param("embed", _init, (c.vocab_size, c.hidden_size), self.dtype)[batch.token_ids].astype(self.dtype)
+            embed = self.param("embed", _init, (c.vocab_size, c.hidden_size), self.dtype)
+            x = embed[batch.token_ids].astype(self.dtype)
         cos, sin = rope_tables(batch.positions, rope_inv_freq(c))
         plan = None
         if self.attention_backend == "xla":  # computed once, shared by every layer
@@ -98,5 +99,6 @@ def init_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype, 
     """Per layer (k_pages, v_pages). V: [KVH, num_blocks, block_size, head_dim]; K the same, or with the last two
     axes swapped for the XLA path (attention.keys_transposed)."""
     v_shape = (config.num_kv_heads, num_blocks, block_size, config.head_dim)
-    k_shape = v_shape[:2] + v_shape[:1:-1] if keys_transposed(attention_backend) else v_shape
+    k_shape = (config.num_kv_heads, num_blocks, config.head_dim, block_size) if keys_transposed(attention_backend) \
+        else v_shape
     return tuple((jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in range(config.num_layers))

@@ -66,6 +66,19 @@ def test_prefix_hit_reuses_full_blocks_and_leaves_last_token():
     assert bp.metrics(s)["prefix_cache_hit_rate"] == pytest.approx((8 + 12) / (12 + 12 + 13))
 
 
+def test_lookup_skipped_for_one_sequence():
+    """use_cache=False (a request that wants prompt log-probs) gets fresh blocks for a cached prompt; the cached
+    blocks stay reusable for later sequences."""
+    s = bp.create(num_blocks=8, block_size=4)
+    prompt = list(range(9))
+    s, _ = bp.allocate(s, 1, prompt)
+    s = bp.cache_full_blocks(s, 1, prompt, 9)
+    s, hit = bp.allocate(s, 2, prompt, use_cache=False)
+    assert hit == 0 and not set(bp.block_table(s, 1)) & set(bp.block_table(s, 2))
+    s = bp.free(bp.free(s, 1), 2)
+    assert bp.num_cached_tokens(s, prompt) == 8 and bp.num_free_blocks(s) == 8
+
+
 def test_prefix_caching_off():
     s = bp.create(num_blocks=8, block_size=4, enable_prefix_caching=False)
     s, _ = bp.allocate(s, 1, list(range(9)))
@@ -186,15 +199,16 @@ class PoolMachine(RuleBasedStateMachine):
         for pos in range(start, end):
             self.kv[table[pos // BS]][pos % BS] = self.tokens[seq_id][pos]
 
-    @rule(toks=tokens_st, frac=st.floats(0, 1))
-    def allocate(self, toks, frac):
+    @rule(toks=tokens_st, frac=st.floats(0, 1), use_cache=st.booleans())
+    def allocate(self, toks, frac, use_cache):
         seq_id = self.next_id
         self.next_id += 1
-        hit = bp.num_cached_tokens(self.state, toks)
+        hit = bp.num_cached_tokens(self.state, toks, use_cache)
+        assert use_cache or hit == 0
         n = round((len(toks) - hit) * frac)
-        ok = bp.can_allocate(self.state, toks, n)
+        ok = bp.can_allocate(self.state, toks, n, use_cache)
         try:
-            new, got = bp.allocate(self.state, seq_id, toks, n)
+            new, got = bp.allocate(self.state, seq_id, toks, n, use_cache)
         except bp.NoFreeBlocksError:
             assert not ok
             return
