@@ -31,40 +31,38 @@ def main() -> None:
     llm = LLM(model="smollm2-135m", max_num_seqs=a.max_num_seqs, enable_prefix_caching=False,
               weight_dtype=a.weight_dtype, verbose=False)
     llm.warmup()
-    runner, scheduler = llm.engine.runner, llm.engine.scheduler
+    runner = llm.engine.runner
     seconds, steps = collections.defaultdict(float), collections.Counter()
-    execute, schedule = runner.execute, scheduler.schedule
+    last_bucket = [0]
 
-    def timed_execute(chunks, rows, prompt_targets=None, min_tokens=0):
-        # The runner's execute (this workload asks for no prompt log-probs), timed between its phases.
-        start = time.perf_counter()
-        batch = runner.prepare(chunks, min_tokens)
-        tensors, flags = sampler.make_sampling_tensors(rows, batch.logits_indices.shape[0], runner.config.vocab_size)
-        built = time.perf_counter()
-        (logits, _), runner.kv_cache = runner._forward(runner.params, runner.kv_cache, batch, None)
-        out = runner._sample(logits, tensors, flags=flags, eos_token_ids=runner.eos_token_ids)
-        dispatched = time.perf_counter()
-        result = jax.device_get((out, None))
-        done = time.perf_counter()
-        seconds["batch build"] += built - start
-        seconds["dispatch"] += dispatched - built
-        seconds["device wait"] += done - dispatched
-        steps[batch.num_tokens] += 1
-        seconds[batch.num_tokens] += done - built
-        return result
+    def timed(owner, name: str, part: str):
+        """Wrap owner.name so its wall time adds to seconds[part]."""
+        inner = getattr(owner, name)
 
-    def timed_schedule():
-        start = time.perf_counter()
-        out = schedule()
-        seconds["schedule"] += time.perf_counter() - start
-        return out
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            seconds[part] += time.perf_counter() - start
+            if name == "prepare":
+                last_bucket[0] = out.num_tokens
+            elif name == "execute":
+                steps[last_bucket[0]] += 1
+                seconds[last_bucket[0]] += time.perf_counter() - start
+            return out
 
-    runner.execute, scheduler.schedule = timed_execute, timed_schedule
+        setattr(owner, name, wrapper)
+
+    timed(llm.engine.scheduler, "schedule", "schedule")
+    timed(runner, "prepare", "batch build")
+    timed(sampler, "make_sampling_tensors", "batch build")
+    timed(runner, "_forward", "dispatch")
+    timed(runner, "_sample", "dispatch")
+    timed(runner, "execute", "step")  # the rest of a step: the wait for the device and the copy back
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
     start = time.perf_counter()
     llm.generate(workload.prompts, params)
     wall = time.perf_counter() - start
-    runner.execute, scheduler.schedule = execute, schedule
+    seconds["device wait"] = seconds["step"] - seconds["batch build"] - seconds["dispatch"]
     parts = ("schedule", "batch build", "dispatch", "device wait")
     print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; max_num_seqs {a.max_num_seqs}, "
           f"weights {llm.engine.runner.params['final_norm'].dtype}")
@@ -75,7 +73,7 @@ def main() -> None:
         print(f"| {name} | {seconds[name]:.2f} | {seconds[name] / wall:.1%} |")
     other = wall - sum(seconds[n] for n in parts)
     print(f"| other host (outputs, detokenize, stops) | {other:.2f} | {other / wall:.1%} |\n")
-    print("| token bucket | steps | ms/step (dispatch + device) |\n|---|---|---|")
+    print("| token bucket | steps | ms/step (runner.execute) |\n|---|---|---|")
     for bucket in sorted(steps):
         print(f"| {bucket} | {steps[bucket]} | {1000 * seconds[bucket] / steps[bucket]:.1f} |")
 

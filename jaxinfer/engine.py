@@ -215,7 +215,8 @@ class LLMEngine:
                         if s.samples else sampler.RowInfo(params=_NO_SAMPLE, seed=0, step=0))
             # Entry j of prompt_logprobs is for prompt token j; positions recomputed after a preemption already
             # have theirs.
-            have = len(req.prompt_logprobs) if req.prompt_logprobs is not None and index == 0 else seq.num_prompt_tokens
+            wants_prompt_logprobs = req.prompt_logprobs is not None and index == 0
+            have = len(req.prompt_logprobs) if wants_prompt_logprobs else seq.num_prompt_tokens
             targets.append([tokens[p + 1] if have <= p + 1 < seq.num_prompt_tokens else -1
                             for p in range(s.start, s.start + s.num_new_tokens)])
             need_prompt_logprobs |= any(t >= 0 for t in targets[-1])
