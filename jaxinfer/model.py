@@ -65,6 +65,9 @@ class LlamaModel(nn.Module):
         c = self.config
         lm_head = self.param("lm_head", _init, (c.hidden_size, c.vocab_size), self.dtype)
         if c.tie_word_embeddings:
+            if not isinstance(lm_head, jax.Array):
+                raise ValueError("a tied-embedding model needs a plain lm_head array (the token lookup gathers its "
+                                 f"columns), got {type(lm_head).__name__}")
             # Tied models keep only the LM head's [hidden, vocab] layout: XLA CPU's bf16 dot is ~10x slower on a
             # transposed [vocab, hidden] operand, while gathering T columns for the lookup costs little.
             x = _gather_columns(lm_head, batch.token_ids).astype(self.dtype)
