@@ -68,9 +68,14 @@ def _stream_to_terminal(llm, prompt, params) -> str:
 
 def cmd_generate(a) -> None:
     llm = _make_llm(a)
-    llm.warmup([_params(a)])  # compile (or load from the persistent cache) before timing anything
+    if llm.tokenizer is None:
+        sys.exit(f"jaxinfer generate: model {a.model!r} has no tokenizer")
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}]) if a.chat_template \
-        else a.prompt
+        else llm.tokenizer.encode(a.prompt)
+    # Compile (or load from the persistent cache) before timing anything, but only the buckets this one request
+    # uses: its prefill chunks and single-token decodes.
+    chunk = a.max_num_batched_tokens
+    llm.warmup([_params(a)], token_counts={min(len(prompt), chunk), len(prompt) % chunk or chunk, 1})
     _stream_to_terminal(llm, prompt, _params(a))
 
 

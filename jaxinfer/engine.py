@@ -303,7 +303,8 @@ class LLMEngine:
         m.update(self._stats, num_compiled_step_variants=self.runner.num_compiled())
         return m
 
-    def warmup(self, param_variants=None) -> float:
-        """Precompile every token bucket (greedy and random sampling by default)."""
+    def warmup(self, param_variants=None, token_counts=None) -> float:
+        """Precompile every token bucket (greedy and random sampling by default), or only the buckets that steps
+        of these token counts use (a one-shot run that knows its prompt)."""
         variants = param_variants or [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
-        return self.runner.warmup(variants)
+        return self.runner.warmup(variants, token_counts)

@@ -19,8 +19,8 @@ class LLM:
         self.engine = LLMEngine(EngineArgs(**engine_args))
         self.tokenizer = self.engine.tokenizer
 
-    def warmup(self, param_variants=None) -> float:
-        return self.engine.warmup(param_variants)
+    def warmup(self, param_variants=None, token_counts=None) -> float:
+        return self.engine.warmup(param_variants, token_counts)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

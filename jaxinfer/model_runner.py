@@ -123,11 +123,12 @@ class ModelRunner:
         src, dst = (np.asarray(col, np.int32) for col in zip(*padded))
         self.kv_cache = self._copy(self.kv_cache, src, dst)
 
-    def warmup(self, param_variants) -> float:
+    def warmup(self, param_variants, token_counts=None) -> float:
         """Compile the forward for every token bucket, and the sampler for each bucket and sampling variant
-        (given as SamplingParams), so serving never compiles."""
+        (given as SamplingParams), so serving never compiles. `token_counts` limits it to their buckets."""
         start = time.perf_counter()
-        jobs = [(t, p) for t in self.buckets for p in param_variants]
+        buckets = sorted({bucket(n, self.buckets) for n in token_counts}) if token_counts else self.buckets
+        jobs = [(t, p) for t in buckets for p in param_variants]
         for num_tokens, params in tqdm(jobs, desc="compiling step buckets", unit="bucket"):
             # A batch of padding only: it writes nothing to the cache.
             batch = build_step_batch([], num_tokens=num_tokens, num_seqs=self.num_rows(num_tokens),

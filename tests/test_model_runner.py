@@ -1,9 +1,11 @@
-"""Model runner bookkeeping: token buckets and copy-on-write block copies (checked against numpy)."""
+"""Model runner bookkeeping: token buckets, copy-on-write block copies (checked against numpy), warm-up."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import SamplingParams, sampler
+from jaxinfer.batch import SeqChunk
 from jaxinfer.config import ModelConfig
 from jaxinfer.loaders.common import random_params
 from jaxinfer.model_runner import ModelRunner, token_buckets
@@ -39,3 +41,17 @@ def test_copy_blocks_copies_every_pair_and_nothing_else():
             expected_k[:, dst], expected_v[:, dst] = k0[:, src], v0[:, src]
         np.testing.assert_array_equal(np.asarray(k1), expected_k)
         np.testing.assert_array_equal(np.asarray(v1), expected_v)
+
+
+def test_warmup_limited_to_token_counts_compiles_only_their_buckets():
+    runner = ModelRunner(TINY, random_params(TINY, jnp.float32), num_blocks=8, block_size=4, max_num_seqs=8,
+                         max_num_batched_tokens=16, max_model_len=16, kv_dtype=jnp.float32,
+                         attention_backend="xla", matmul_backend="xla", dtype=jnp.float32)
+    greedy = SamplingParams(temperature=0.0)
+    runner.warmup([greedy], token_counts={3, 1})  # buckets 4 and 2 of (2, 4, 8, 16)
+    assert runner._forward._cache_size() == 2
+    compiled = runner.num_compiled()
+    for tokens in ([1, 2, 3], [4]):
+        row = sampler.RowInfo(params=greedy, seed=0, step=0, prompt_token_ids=tokens, output_token_ids=[])
+        runner.execute([SeqChunk(tokens, 0, [0])], [row])
+    assert runner.num_compiled() == compiled
