@@ -36,8 +36,8 @@ def _make_llm(a, **overrides):
 
     kwargs = dict(model=a.model, dtype=a.dtype, weight_dtype=a.weight_dtype, max_model_len=a.max_model_len,
                   max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                  num_kv_blocks=a.num_kv_blocks, block_size=a.block_size, enable_prefix_caching=not a.no_prefix_caching,
-                  attention_backend=a.attention_backend)
+                  num_kv_blocks=a.num_kv_blocks, block_size=a.block_size,
+                  enable_prefix_caching=not a.no_prefix_caching, attention_backend=a.attention_backend)
     kwargs.update(overrides)
     return LLM(**kwargs)
 

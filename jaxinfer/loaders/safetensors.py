@@ -42,8 +42,7 @@ def read_hf_config(model_dir: str) -> dict:
     file = os.path.join(model_dir, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"{model_dir} has no config.json (expected a Hugging Face model directory)")
-    hf = read_json(file)
-    return hf
+    return read_json(file)
 
 
 def shard_files(model_dir: str) -> dict[str, str]:
