@@ -1,13 +1,18 @@
-"""Where a throughput run's time goes: jaxinfer alone on the throughput workload, with each engine step split
-into host work (schedule, batch build, dispatch) and the wait for the device, and device time per token bucket.
+"""Where a throughput run's time goes: jaxinfer alone on the throughput workload, with async scheduling (one step
+in flight) and with synchronous steps, in the same run. For each: the time the host spends in each part of a
+step, the time it waits for the device, and device milliseconds per step for each token bucket.
 
-    python benchmarks/step_profile.py [--max-num-seqs 64] [--num-requests 64] [--weight-dtype bfloat16]
+    python benchmarks/step_profile.py [--max-num-seqs 64] [--num-requests 64] [--modes async,sync]
+
+With async scheduling the host work overlaps the device, so what matters is the wait share: the rest of the
+wall time is host work the device waited for.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import os
+import statistics
 import sys
 import time
 
@@ -18,22 +23,18 @@ import jax  # noqa: E402
 
 from benchmarks.workload import build_workload, load_tokenizer  # noqa: E402
 
+PARTS = ("schedule", "batch build", "dispatch", "device wait")
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--weight-dtype", default=None, choices=(None, "bfloat16", "float32"))
-    a = p.parse_args()
+
+def profile(mode: str, workload, max_num_seqs: int, weight_dtype, runs: int) -> dict:
     from jaxinfer import LLM, SamplingParams, sampler
 
-    workload = build_workload(load_tokenizer(), num_requests=a.num_requests, seed=0)
-    llm = LLM(model="smollm2-135m", max_num_seqs=a.max_num_seqs, enable_prefix_caching=False,
-              weight_dtype=a.weight_dtype, verbose=False)
+    llm = LLM(model="smollm2-135m", max_num_seqs=max_num_seqs, enable_prefix_caching=False,
+              weight_dtype=weight_dtype, async_scheduling=mode == "async", verbose=False)
     llm.warmup()
     runner = llm.engine.runner
-    seconds, steps = collections.defaultdict(float), collections.Counter()
-    last_bucket = [0]
+    seconds, bucket_ms = collections.defaultdict(float), collections.defaultdict(list)
+    launched, last_bucket, last_fetch_end = {}, [0], [0.0]  # launched: handle id -> (start time, bucket)
 
     def timed(owner, name: str, part: str):
         """Wrap owner.name so its wall time adds to seconds[part]."""
@@ -42,12 +43,18 @@ def main() -> None:
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             out = inner(*args, **kwargs)
-            seconds[part] += time.perf_counter() - start
+            end = time.perf_counter()
+            seconds[part] += end - start
             if name == "prepare":
                 last_bucket[0] = out.num_tokens
-            elif name == "execute":
-                steps[last_bucket[0]] += 1
-                seconds[last_bucket[0]] += time.perf_counter() - start
+            elif name == "launch":
+                launched[id(out)] = (start, last_bucket[0])
+            elif name == "fetch":
+                # A step's device time: from when the device could start it (its launch, or the end of the
+                # step before it, which async scheduling queues it behind) to when its results are back.
+                launch_start, bucket = launched.pop(id(args[0]))
+                bucket_ms[bucket].append(1000 * (end - max(launch_start, last_fetch_end[0])))
+                last_fetch_end[0] = end
             return out
 
         setattr(owner, name, wrapper)
@@ -57,25 +64,56 @@ def main() -> None:
     timed(sampler, "make_sampling_tensors", "batch build")
     timed(runner, "_forward", "dispatch")
     timed(runner, "_sample", "dispatch")
-    timed(runner, "execute", "step")  # the rest of a step: the wait for the device and the copy back
+    timed(runner, "launch", "launch")
+    timed(runner, "fetch", "device wait")
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
-    start = time.perf_counter()
-    llm.generate(workload.prompts, params)
-    wall = time.perf_counter() - start
-    seconds["device wait"] = seconds["step"] - seconds["batch build"] - seconds["dispatch"]
-    parts = ("schedule", "batch build", "dispatch", "device wait")
+    walls = []
+    for _ in range(runs):
+        seconds.clear()
+        bucket_ms.clear()
+        last_fetch_end[0] = time.perf_counter()
+        start = time.perf_counter()
+        llm.generate(workload.prompts, params)
+        walls.append(time.perf_counter() - start)
+    wall = walls[-1]
+    other = wall - sum(seconds[p] for p in PARTS)
+    return dict(mode=mode, wall=statistics.median(walls), walls=walls, last_wall=wall,
+                shares={**{p: seconds[p] / wall for p in PARTS}, "other host": other / wall},
+                seconds={**{p: seconds[p] for p in PARTS}, "other host": other},
+                bucket_ms={b: statistics.median(v) for b, v in bucket_ms.items()},
+                bucket_steps={b: len(v) for b, v in bucket_ms.items()},
+                weights=str(runner.params["final_norm"].dtype))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--weight-dtype", default=None, choices=(None, "bfloat16", "float32"))
+    p.add_argument("--modes", default="async,sync", help="comma list of async, sync")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per mode (median reported)")
+    a = p.parse_args()
+
+    workload = build_workload(load_tokenizer(), num_requests=a.num_requests, seed=0)
+    results = [profile(m, workload, a.max_num_seqs, a.weight_dtype, a.runs) for m in a.modes.split(",")]
     print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; max_num_seqs {a.max_num_seqs}, "
-          f"weights {llm.engine.runner.params['final_norm'].dtype}")
-    print(f"wall {wall:.1f} s, {workload.num_output_tokens / wall:.1f} useful output tok/s, "
-          f"{sum(steps.values())} steps\n")
-    print("| part | seconds | share |\n|---|---|---|")
-    for name in parts:
-        print(f"| {name} | {seconds[name]:.2f} | {seconds[name] / wall:.1%} |")
-    other = wall - sum(seconds[n] for n in parts)
-    print(f"| other host (outputs, detokenize, stops) | {other:.2f} | {other / wall:.1%} |\n")
-    print("| token bucket | steps | ms/step (runner.execute) |\n|---|---|---|")
-    for bucket in sorted(steps):
-        print(f"| {bucket} | {steps[bucket]} | {1000 * seconds[bucket] / steps[bucket]:.1f} |")
+          f"weights {results[0]['weights']}, {a.num_requests} requests, {workload.num_output_tokens} output "
+          f"tokens; load average {os.getloadavg()[0]:.1f}\n")
+    print("| mode | wall s (median of runs) | runs | useful output tok/s |\n|---|---|---|---|")
+    for r in results:
+        runs = ", ".join(f"{w:.1f}" for w in r["walls"])
+        print(f"| {r['mode']} | {r['wall']:.1f} | {runs} | {workload.num_output_tokens / r['wall']:.1f} |")
+    print("\nShare of the last run's wall time (async: host parts overlap the device; the wall time is the wait "
+          "plus the host work the device waited for):\n")
+    print("| part | " + " | ".join(r["mode"] for r in results) + " |\n|---|" + "---|" * len(results))
+    for part in (*PARTS, "other host"):
+        cells = " | ".join(f"{r['seconds'][part]:.2f} s ({r['shares'][part]:.1%})" for r in results)
+        print(f"| {part} | {cells} |")
+    print("\n| token bucket | steps | " + " | ".join(f"{r['mode']} device ms/step" for r in results) + " |")
+    print("|---|---|" + "---|" * len(results))
+    for bucket in sorted(results[0]["bucket_ms"]):
+        cells = " | ".join(f"{r['bucket_ms'].get(bucket, float('nan')):.1f}" for r in results)
+        print(f"| {bucket} | {results[0]['bucket_steps'][bucket]} | {cells} |")
 
 
 if __name__ == "__main__":

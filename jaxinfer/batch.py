@@ -19,6 +19,9 @@ class StepBatch:
     block_tables: jax.Array    # [S, MB]
     logits_indices: jax.Array  # [S]
     num_seqs: jax.Array        # [1]
+    # Async scheduling: row of the previous step's sampled ids that holds this token (its id is not on the host
+    # yet: the forward reads it on device), or -1 = the id in token_ids.
+    prev_sample_rows: jax.Array  # [T]
 
     @property
     def num_tokens(self) -> int:
@@ -31,6 +34,7 @@ class SeqChunk:
     token_ids: list[int]
     start: int
     block_table: list[int]
+    pending_row: int = -1  # >= 0: the last token is still on device, in this row of the previous step's samples
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -53,6 +57,7 @@ def build_step_batch(chunks: list[SeqChunk], *, num_tokens: int, num_seqs: int, 
     kv_lens = np.zeros(num_seqs, np.int32)
     block_tables = np.zeros((num_seqs, max_blocks), np.int32)
     logits_indices = np.zeros(num_seqs, np.int32)
+    prev_sample_rows = np.full(num_tokens, -1, np.int32)
     offset = 0
     for s, c in enumerate(chunks):
         n = len(c.token_ids)
@@ -67,7 +72,9 @@ def build_step_batch(chunks: list[SeqChunk], *, num_tokens: int, num_seqs: int, 
         kv_lens[s] = c.start + n
         block_tables[s, :len(table)] = table
         logits_indices[s] = offset + n - 1
+        prev_sample_rows[offset + n - 1] = c.pending_row
         offset += n
     return StepBatch(token_ids=token_ids, positions=positions, seq_ids=seq_ids, slot_mapping=slot_mapping,
                      query_start=query_start, kv_lens=kv_lens, block_tables=block_tables,
-                     logits_indices=logits_indices, num_seqs=np.array([len(chunks)], np.int32))
+                     logits_indices=logits_indices, num_seqs=np.array([len(chunks)], np.int32),
+                     prev_sample_rows=prev_sample_rows)

@@ -20,6 +20,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="read each step's tokens before scheduling the next (default: one step in flight)")
     p.add_argument("--attention-backend", default=None, choices=[None, "xla", "pallas", "reference"])
 
 
@@ -37,7 +39,8 @@ def _make_llm(a, **overrides):
     kwargs = dict(model=a.model, dtype=a.dtype, weight_dtype=a.weight_dtype, max_model_len=a.max_model_len,
                   max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                   num_kv_blocks=a.num_kv_blocks, block_size=a.block_size,
-                  enable_prefix_caching=not a.no_prefix_caching, attention_backend=a.attention_backend)
+                  enable_prefix_caching=not a.no_prefix_caching, attention_backend=a.attention_backend,
+                  async_scheduling=not a.no_async_scheduling)
     kwargs.update(overrides)
     return LLM(**kwargs)
 

@@ -3,6 +3,11 @@
 Each step: the scheduler picks a flat batch (decodes first, then prefill chunks), the runner executes it on
 device, then the engine appends sampled tokens, detokenizes incrementally and decides who stopped (EOS, stop
 ids, stop strings, max_tokens, max_model_len). Finished sequences free their KV blocks at once.
+
+Async scheduling (default) keeps one step in flight: step N+1 is scheduled and launched with placeholders for
+step N's sampled tokens, which the device feeds in; then the host reads step N's tokens and processes them while
+the device computes N+1. A sequence that stopped at step N (EOS, stop string) wastes its row in N+1, which is
+dropped; max_tokens and max_model_len are known ahead, so those sequences get no extra row.
 """
 from __future__ import annotations
 
@@ -20,12 +25,12 @@ from jaxinfer import sampler
 from jaxinfer.attention import default_attention_backend
 from jaxinfer.batch import SeqChunk
 from jaxinfer.loaders import load_weights
-from jaxinfer.model_runner import ModelRunner, enable_compilation_cache
+from jaxinfer.model_runner import ModelRunner, StepHandle, enable_compilation_cache
 from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxinfer.registry import DEFAULT_MODEL, resolve_model
 from jaxinfer.sampling_params import SamplingParams
-from jaxinfer.scheduler import Scheduler, SchedulerConfig
-from jaxinfer.sequence import Sequence, SequenceStatus
+from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from jaxinfer.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from jaxinfer.tokenizer import OutputDetokenizer, load_tokenizer
 
 _NO_SAMPLE = SamplingParams(temperature=0.0)  # rows of prefill chunks that don't sample yet
@@ -53,6 +58,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     scheduler_policy: str = "continuous"  # "static": admit a batch only when the previous one finished
+    async_scheduling: bool = True         # launch step N+1 before reading step N's tokens (see step())
     attention_backend: str | None = None  # None: "pallas" on GPU, "xla" elsewhere
     matmul_backend: str | None = None
     compilation_cache_dir: str | None = None
@@ -72,6 +78,14 @@ class _Request:
     outputs: list[CompletionOutput]
     metrics: RequestMetrics
     prompt_logprobs: list | None = None
+
+
+@dataclasses.dataclass
+class _LaunchedStep:
+    sched: SchedulerOutput
+    handle: StepHandle
+    targets: list[list[int]]    # per scheduled sequence: prompt_logprobs targets (-1 = none)
+    sample_rows: dict[int, int]  # seq_id -> its row of the sampler output, for sequences that sample
 
 
 class LLMEngine:
@@ -107,6 +121,7 @@ class LLMEngine:
             enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
             policy=args.scheduler_policy))
         self._requests: dict[str, _Request] = {}
+        self._inflight: _LaunchedStep | None = None  # async scheduling: the step whose results are unread
         self._static_rows = 0  # static policy: rows the current batch keeps until it finishes
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -164,7 +179,8 @@ class LLMEngine:
 
         seed = sampler.new_request_seed()
         seqs = [Sequence(next(self._seq_ids), request_id, ids, params, group_id=0 if params.n > 1 else None,
-                         skip_prefix_cache=params.prompt_logprobs is not None)  # as vLLM: every position computed
+                         skip_prefix_cache=params.prompt_logprobs is not None,  # as vLLM: every position computed
+                         max_output_tokens=params.max_tokens)
                 for _ in range(params.n)]
         detoks = [OutputDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens, prompt_ids=ids)
                   if self.tokenizer else None for _ in seqs]
@@ -193,21 +209,53 @@ class LLMEngine:
 
     # ---------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        """Run one model step; return the outputs of the requests that got tokens.
+
+        With async scheduling the step is launched before the previous one's results are read, so host work
+        (reading results, detokenizing, stop checks, scheduling the next step) overlaps device work, and the
+        outputs returned are those of the previous step."""
+        outputs = []
+        previous, self._inflight = self._inflight, None
+        if previous is not None and self._needs_known_tokens(previous):
+            outputs, previous = self._complete(previous), None
+        launched = self._launch(previous)
+        if previous is not None:
+            outputs = self._complete(previous)  # while the device runs `launched`
+        if launched is not None:
+            pending = {s.seq.seq_id: PENDING_TOKEN for s in launched.sched.scheduled if s.samples}
+            self.scheduler.on_step_done(launched.sched, pending)
+            if self.args.async_scheduling:
+                self._inflight = launched
+            else:
+                outputs = self._complete(launched)
+        return outputs
+
+    @staticmethod
+    def _needs_known_tokens(step: _LaunchedStep) -> bool:
+        """Penalties count every output token on the host: a sequence with penalties whose last token is still
+        in flight waits for it (that step runs synchronously)."""
+        return any(s.samples and not s.seq.is_finished and s.seq.sampling_params.has_penalties
+                   for s in step.sched.scheduled)
+
+    def _launch(self, previous: _LaunchedStep | None) -> _LaunchedStep | None:
         new_batch = self.scheduler.num_running == 0
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            return None
         if self.args.scheduler_policy == "static":
             # Static batching as in HF generate and the vLLM paper's baseline: the batch keeps its rows until its
             # longest request ends, finished sequences becoming padding rows.
             self._static_rows = len(sched.scheduled) if new_batch else max(self._static_rows, len(sched.scheduled))
         self.runner.copy_blocks(sched.blocks_to_copy)
+        previous_rows = previous.sample_rows if previous is not None else {}
         chunks, rows, targets = [], [], []
         need_prompt_logprobs = False
         for s in sched.scheduled:
             seq, req = s.seq, self._requests[s.seq.request_id]
             tokens = seq.all_token_ids
-            chunks.append(SeqChunk(tokens[s.start:s.start + s.num_new_tokens], s.start, s.block_table))
+            chunk = tokens[s.start:s.start + s.num_new_tokens]
+            pending_row = previous_rows[seq.seq_id] if chunk[-1] == PENDING_TOKEN else -1
+            chunks.append(SeqChunk(chunk, s.start, s.block_table, pending_row))
             index = req.seqs.index(seq)
             rows.append(sampler.RowInfo(params=req.params, seed=sampler.row_seed(req.params, req.seed, index),
                                         step=len(seq.output_token_ids), prompt_token_ids=seq.prompt_token_ids,
@@ -220,20 +268,24 @@ class LLMEngine:
             targets.append([tokens[p + 1] if have <= p + 1 < seq.num_prompt_tokens else -1
                             for p in range(s.start, s.start + s.num_new_tokens)])
             need_prompt_logprobs |= any(t >= 0 for t in targets[-1])
-        result, prompt_lp = self.runner.execute(chunks, rows, targets if need_prompt_logprobs else None,
-                                                min_tokens=self._static_rows)
-        sampled = {s.seq.seq_id: int(result.token_ids[i]) for i, s in enumerate(sched.scheduled) if s.samples}
-        self.scheduler.on_step_done(sched, sampled)
+        handle = self.runner.launch(chunks, rows, targets if need_prompt_logprobs else None,
+                                    min_tokens=self._static_rows, previous=previous and previous.handle)
+        sample_rows = {s.seq.seq_id: i for i, s in enumerate(sched.scheduled) if s.samples}
+        return _LaunchedStep(sched, handle, targets, sample_rows)
 
+    def _complete(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step, write its sampled tokens into their sequences and process them."""
+        result, prompt_lp = self.runner.fetch(step.handle)
         touched: dict[str, _Request] = {}
-        offsets = np.cumsum([0] + [s.num_new_tokens for s in sched.scheduled])
-        for i, s in enumerate(sched.scheduled):
+        offsets = np.cumsum([0] + [s.num_new_tokens for s in step.sched.scheduled])
+        for i, s in enumerate(step.sched.scheduled):
             req = self._requests.get(s.seq.request_id)
-            if req is None:
-                continue
-            if prompt_lp is not None and any(t >= 0 for t in targets[i]):
-                self._add_prompt_logprobs(req, prompt_lp, int(offsets[i]), targets[i])
-            if s.samples and s.seq.status == SequenceStatus.RUNNING:
+            if req is None or s.seq.is_finished:
+                continue  # aborted, or stopped on an earlier token while this step ran: its row is dropped
+            if prompt_lp is not None and any(t >= 0 for t in step.targets[i]):
+                self._add_prompt_logprobs(req, prompt_lp, int(offsets[i]), step.targets[i])
+            if s.samples:
+                s.seq.resolve_pending_token(int(result.token_ids[i]))
                 self._append_token(req, s.seq, result, i)
                 touched[req.request_id] = req
         return [self._make_output(req) for req in touched.values()]

@@ -3,9 +3,14 @@
 Host side it packs scheduled chunks into a `StepBatch` of bucketed shape (token count T from a small fixed
 set; S = min(T, max_num_seqs) sequence rows), so the step compiles once per bucket. The KV cache is donated to
 every call and updated in place; only sampled token ids (and logprobs when asked) come back to the host.
+
+`launch` dispatches a step and returns at once (JAX dispatch is asynchronous); `fetch` waits for its results.
+Between the two the engine does host work while the device computes, and may launch the next step, whose
+decode tokens are read on device from this step's sampled ids (`StepHandle.padded_token_ids`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -50,6 +55,14 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return path
 
 
+@dataclasses.dataclass
+class StepHandle:
+    """A launched step: device arrays, possibly not computed yet."""
+    sampled: sampler.SamplerOutput
+    prompt_logprobs: tuple | None
+    padded_token_ids: jax.Array  # [max rows] int32: the sampled ids, padded to one shape for the next step
+
+
 class ModelRunner:
     def __init__(self, config: ModelConfig, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, kv_dtype, attention_backend: str,
@@ -69,16 +82,21 @@ class ModelRunner:
         # Forward and sampler are separate jits: the forward compiles once per token bucket whatever sampling
         # options are in the batch; the sampler's variants are small and compile in a fraction of the time.
         self._forward = jax.jit(self._forward_impl, donate_argnums=(1,))
-        self._sample = jax.jit(sampler.sample, static_argnames=("flags", "eos_token_ids"))
+        self._sample = jax.jit(self._sample_impl, static_argnames=("flags", "eos_token_ids"))
+        self.max_rows = self.num_rows(self.buckets[-1])
+        self._no_prev_tokens = jnp.zeros(self.max_rows, jnp.int32)
         self._copy = jax.jit(_copy_blocks, donate_argnums=(0,))
 
     def num_rows(self, num_tokens: int) -> int:
         return min(num_tokens, self.max_num_seqs)
 
     # ------------------------------------------------------------------------------------------ device side
-    def _forward_impl(self, params, kv_cache, batch, prompt_targets):
+    def _forward_impl(self, params, kv_cache, batch, prompt_targets, prev_token_ids):
         """Logits of each sequence's last token [S, V]. With prompt_targets ([T], -1 = none) it also returns,
-        for every token, the log-prob of the next prompt token and the top-20 (prompt_logprobs)."""
+        for every token, the log-prob of the next prompt token and the top-20 (prompt_logprobs).
+        prev_token_ids: the previous step's sampled ids, which tokens with batch.prev_sample_rows >= 0 take."""
+        rows = batch.prev_sample_rows
+        batch = batch.replace(token_ids=jnp.where(rows >= 0, prev_token_ids[jnp.maximum(rows, 0)], batch.token_ids))
         want_all = prompt_targets is not None
         logits, kv_cache = self.model.apply({"params": params}, kv_cache, batch, all_logits=want_all)
         prompt_lp = None
@@ -90,6 +108,11 @@ class ModelRunner:
             logits = logits[batch.logits_indices]
         return (logits, prompt_lp), kv_cache
 
+    def _sample_impl(self, logits, tensors, flags, eos_token_ids):
+        out = sampler.sample(logits, tensors, flags=flags, eos_token_ids=eos_token_ids)
+        padded = jnp.zeros(self.max_rows, jnp.int32).at[:out.token_ids.shape[0]].set(out.token_ids)
+        return out, padded
+
     # -------------------------------------------------------------------------------------------- host side
     def prepare(self, chunks: list[SeqChunk], min_tokens: int = 0):
         num_tokens = bucket(max(sum(len(c.token_ids) for c in chunks), min_tokens), self.buckets)
@@ -98,11 +121,16 @@ class ModelRunner:
 
     def execute(self, chunks: list[SeqChunk], rows: list[sampler.RowInfo], prompt_targets=None,
                 min_tokens: int = 0):
-        """Run one step; row i of the sampler output belongs to chunks[i]. Only the sampled ids (and logprobs
-        when asked) come back to the host:
-        (SamplerOutput, prompt logprobs or None). prompt_targets: per chunk, the next prompt token of each
-        of its tokens (-1 = none), only when some request asked for prompt_logprobs. min_tokens pads the batch
-        to at least that many token rows (static batching keeps finished rows as padding)."""
+        """Run one step and wait for it: `fetch(launch(...))`."""
+        return self.fetch(self.launch(chunks, rows, prompt_targets, min_tokens))
+
+    def launch(self, chunks: list[SeqChunk], rows: list[sampler.RowInfo], prompt_targets=None,
+               min_tokens: int = 0, previous: StepHandle | None = None) -> StepHandle:
+        """Dispatch one step without waiting for it; row i of the sampler output belongs to chunks[i].
+        prompt_targets: per chunk, the next prompt token of each of its tokens (-1 = none), only when some
+        request asked for prompt_logprobs. min_tokens pads the batch to at least that many token rows (static
+        batching keeps finished rows as padding). previous: the step whose sampled ids chunks with a
+        `pending_row` read."""
         batch = self.prepare(chunks, min_tokens)
         tensors, flags = sampler.make_sampling_tensors(rows, batch.logits_indices.shape[0], self.config.vocab_size)
         targets = None
@@ -110,9 +138,17 @@ class ModelRunner:
             targets = np.full(batch.num_tokens, -1, np.int32)
             flat = [t for chunk_targets in prompt_targets for t in chunk_targets]
             targets[:len(flat)] = flat
-        (logits, prompt_lp), self.kv_cache = self._forward(self.params, self.kv_cache, batch, targets)
-        out = self._sample(logits, tensors, flags=flags, eos_token_ids=self.eos_token_ids)
-        return jax.device_get((out, prompt_lp))
+        prev_tokens = previous.padded_token_ids if previous is not None else self._no_prev_tokens
+        (logits, prompt_lp), self.kv_cache = self._forward(self.params, self.kv_cache, batch, targets, prev_tokens)
+        out, padded = self._sample(logits, tensors, flags=flags, eos_token_ids=self.eos_token_ids)
+        for leaf in jax.tree_util.tree_leaves((out, prompt_lp)):
+            leaf.copy_to_host_async()  # start the (small) copy back now, not when the host asks
+        return StepHandle(out, prompt_lp, padded)
+
+    @staticmethod
+    def fetch(handle: StepHandle):
+        """Wait for a launched step: (SamplerOutput, prompt logprobs or None) as numpy arrays."""
+        return jax.device_get((handle.sampled, handle.prompt_logprobs))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]):
         """Copy-on-write: duplicate whole blocks (all layers) before the step that writes them."""
@@ -136,7 +172,8 @@ class ModelRunner:
                                      num_blocks=self.num_blocks)
             rows = [sampler.RowInfo(params=params, seed=0, step=0, prompt_token_ids=[0], output_token_ids=[])]
             tensors, flags = sampler.make_sampling_tensors(rows, self.num_rows(num_tokens), self.config.vocab_size)
-            (logits, _), self.kv_cache = self._forward(self.params, self.kv_cache, batch, None)
+            (logits, _), self.kv_cache = self._forward(self.params, self.kv_cache, batch, None,
+                                                       self._no_prev_tokens)
             jax.block_until_ready(self._sample(logits, tensors, flags=flags, eos_token_ids=self.eos_token_ids))
         n = 1
         while n <= self.max_num_seqs:  # copy-on-write block copies, bucketed by count

@@ -17,6 +17,12 @@ partial last block is copy-on-write, so each sibling ends up with a private copy
 
 Contract with the engine: per step, ``schedule()`` -> run ``blocks_to_copy`` then the model on
 ``scheduled`` -> ``on_step_done(output, sampled)`` -> ``finish()`` the sequences that stopped.
+
+Async scheduling (the engine's default) runs one step ahead: ``sampled`` may hold ``PENDING_TOKEN`` for tokens
+still on the device, and the next ``schedule()`` comes before the engine knows them. Such a token is the last
+one of its sequence, past every position this module hashes or looks up, and the engine resolves it before the
+sequence can be admitted again. A sequence whose pending token is its last one (max_tokens or max_model_len)
+gets no further step: the engine finishes it when the token arrives.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import collections
 from dataclasses import dataclass, field
 
 from jaxinfer import block_pool as bp
-from jaxinfer.sequence import Sequence, SequenceStatus
+from jaxinfer.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
 class SchedulerError(RuntimeError):
@@ -183,8 +189,8 @@ class Scheduler:
 
         # 1. Decodes first: they are latency-critical and cheap (one token each); self.max_num_seqs <=
         #    max_num_batched_tokens guarantees they all fit the budget.
-        decodes = [(seq, 1) for seq in self.running
-                   if self._remaining(seq) == 1 and seq.num_computed_tokens == seq.num_tokens - 1]
+        decodes = [(seq, 1) for seq in self.running if not self._final_token_pending(seq)
+                   and self._remaining(seq) == 1 and seq.num_computed_tokens == seq.num_tokens - 1]
         for seq, _ in self._reserve(decodes, scheduled_ids, out):
             emit(seq, 1)
             budget -= 1
@@ -192,7 +198,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status != SequenceStatus.RUNNING or seq.seq_id in scheduled_ids:
+            if (seq.status != SequenceStatus.RUNNING or seq.seq_id in scheduled_ids
+                    or self._final_token_pending(seq)):
                 continue
             remaining = self._remaining(seq)
             chunk = min(remaining, budget)
@@ -209,7 +216,8 @@ class Scheduler:
         if may_admit and not out.preempted:
             budget = self._admit(budget, emit)
 
-        if not out.scheduled and not out.preempted and self.has_unfinished():
+        finishing = any(self._final_token_pending(seq) for seq in self.running)  # async: final token pending
+        if not out.scheduled and not out.preempted and self.has_unfinished() and not finishing:
             raise SchedulerError(f"no progress possible: {len(self.running)} running, "
                                  f"{len(self.waiting)} waiting, {bp.num_free_blocks(self.pool)} free blocks")
         self._num_steps += 1
@@ -258,6 +266,14 @@ class Scheduler:
         return len(self.running) + sum(len(pending) for leader_id, pending in self._pending_forks.items()
                                        if self._seqs[leader_id].status == SequenceStatus.RUNNING)
 
+    def _final_token_pending(self, seq: Sequence) -> bool:
+        """Async scheduling: the sequence's last token is still on the device and is its final one (max_tokens
+        or max_model_len), so the engine will finish it when the token arrives."""
+        if not seq.output_token_ids or seq.output_token_ids[-1] != PENDING_TOKEN:
+            return False
+        cap = seq.max_output_tokens
+        return (cap is not None and len(seq.output_token_ids) >= cap) or seq.num_tokens >= self.config.max_model_len
+
     def _remaining(self, seq: Sequence) -> int:
         remaining = self._target_len(seq) - seq.num_computed_tokens
         assert remaining >= 1, f"running {seq} has nothing to compute"
@@ -286,7 +302,9 @@ class Scheduler:
             scheduled_ids.update(s.seq_id for s, _ in requests[:done])
             requests = requests[done:]
             if requests:  # requests[0] does not fit
-                victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled_ids)
+                candidates = [s for s in reversed(self.running) if s.seq_id not in scheduled_ids]
+                # A sequence about to finish (async: its final token pending) gives its blocks up for free.
+                victim = next((s for s in candidates if self._final_token_pending(s)), candidates[0])
                 if len(self.running) == 1:
                     raise SchedulerError(f"{victim} cannot fit in the KV pool even alone "
                                          f"({self.config.num_blocks} blocks)")

@@ -10,6 +10,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+# Stands for a token sampled by a step still running on the device (async scheduling): the next step already
+# computes on it (the device feeds it in), and the engine writes the real id in when the step's results arrive.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued (new, or preempted and waiting to be recomputed)
@@ -41,6 +45,9 @@ class Sequence:
     arrival_index: int = -1  # set by Scheduler.add: FCFS order
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at the last admission
     num_preemptions: int = 0
+    # The sequence stops once it has this many output tokens (max_tokens): the scheduler gives no step to a
+    # sequence whose last token, still pending, is its final one.
+    max_output_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -62,6 +69,12 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def resolve_pending_token(self, token: int) -> None:
+        """The step that sampled the last token finished: replace its placeholder with the real id."""
+        if not self.output_token_ids or self.output_token_ids[-1] != PENDING_TOKEN:
+            raise ValueError(f"{self} has no pending token")
+        self.output_token_ids[-1] = token
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, status={self.status.name}, "

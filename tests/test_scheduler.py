@@ -9,13 +9,19 @@ from hypothesis import strategies as st
 
 from jaxinfer import block_pool as bp
 from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerError
-from jaxinfer.sequence import Sequence, SequenceStatus
+from jaxinfer.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 
 class FakeEngine:
-    """Drives a Scheduler like LLMEngine does, with random "sampled" tokens, checking contracts every step."""
+    """Drives a Scheduler like LLMEngine does, with random "sampled" tokens, checking contracts every step.
 
-    def __init__(self, seed=0, **cfg):
+    async_steps: like the engine's async scheduling, a step's tokens reach the scheduler as PENDING_TOKEN and
+    their real ids only after the next step is scheduled; the simulated device reads them from that step's
+    samples, as the real one does."""
+
+    def __init__(self, seed=0, async_steps=False, **cfg):
+        self.async_steps = async_steps
+        self.in_flight: dict[int, int] = {}  # seq_id -> token sampled by the previous step, not yet resolved
         self.cfg = SchedulerConfig(**cfg)
         self.sched = Scheduler(self.cfg)
         self.rng = random.Random(seed)
@@ -29,7 +35,8 @@ class FakeEngine:
     def add(self, request_id, prompt, max_tokens, n=1):
         seqs = []
         for _ in range(n):
-            seq = Sequence(self.next_id, request_id, list(prompt), group_id=request_id if n > 1 else None)
+            seq = Sequence(self.next_id, request_id, list(prompt), group_id=request_id if n > 1 else None,
+                           max_output_tokens=max_tokens)
             self.next_id += 1
             self.want[seq.seq_id] = max_tokens
             self.seqs[seq.seq_id] = seq
@@ -40,7 +47,8 @@ class FakeEngine:
     def step(self):
         sched, cfg = self.sched, self.cfg
         running_before = list(sched.running)
-        decoding_before = [s for s in running_before if s.num_tokens - s.num_computed_tokens == 1]
+        decoding_before = [s for s in running_before if s.num_tokens - s.num_computed_tokens == 1
+                           and not self._final_token_in_flight(s)]
         out = sched.schedule()
         self.steps.append((out, {s.seq_id for s in running_before}))
         # Budgets.
@@ -67,21 +75,48 @@ class FakeEngine:
             assert s.start == s.seq.num_computed_tokens and s.num_new_tokens >= 1
             assert s.samples == (s.start + s.num_new_tokens == s.seq.num_tokens)
             assert len(s.block_table) * bs >= s.start + s.num_new_tokens
-            toks = s.seq.all_token_ids
+            toks = self._device_view(s.seq)
             for pos in range(s.start, s.start + s.num_new_tokens):
                 self.kv.setdefault(s.block_table[pos // bs], [None] * bs)[pos % bs] = toks[pos]
         for s in out.scheduled:
-            toks = s.seq.all_token_ids
+            toks = self._device_view(s.seq)
             seen = [self.kv[s.block_table[p // bs]][p % bs] for p in range(s.start + s.num_new_tokens)]
             assert seen == toks[: s.start + s.num_new_tokens], f"{s.seq} reads wrong K/V"
+        previous, self.in_flight = self.in_flight, {}
+        self._receive(previous)  # async: the previous step's tokens arrive while this one "runs"
         sampled = {s.seq.seq_id: self.rng.randrange(1000) for s in out.scheduled if s.samples}
-        sched.on_step_done(out, sampled)
-        for seq_id in sampled:
-            seq = self.seqs[seq_id]
-            if len(seq.output_token_ids) >= self.want[seq_id] or seq.num_tokens >= cfg.max_model_len:
-                sched.finish(seq_id, SequenceStatus.FINISHED_LENGTH_CAPPED)
-                self.finished.append(seq)
+        if self.async_steps:
+            sched.on_step_done(out, dict.fromkeys(sampled, PENDING_TOKEN))
+            self.in_flight = sampled
+        else:
+            sched.on_step_done(out, sampled)
+            for seq_id in sampled:
+                self._maybe_finish(self.seqs[seq_id])
         return out
+
+    def _device_view(self, seq):
+        """The tokens the device computes on: a pending last token is read from the previous step's samples."""
+        toks = seq.all_token_ids
+        if toks[-1] == PENDING_TOKEN:
+            toks[-1] = self.in_flight[seq.seq_id]
+        assert PENDING_TOKEN not in toks
+        return toks
+
+    def _receive(self, tokens):
+        for seq_id, token in tokens.items():
+            seq = self.seqs[seq_id]
+            if not seq.is_finished:
+                seq.resolve_pending_token(token)
+                self._maybe_finish(seq)
+
+    def _maybe_finish(self, seq):
+        if len(seq.output_token_ids) >= self.want[seq.seq_id] or seq.num_tokens >= self.cfg.max_model_len:
+            self.sched.finish(seq.seq_id, SequenceStatus.FINISHED_LENGTH_CAPPED)
+            self.finished.append(seq)
+
+    def _final_token_in_flight(self, seq):
+        return seq.seq_id in self.in_flight and (len(seq.output_token_ids) >= self.want[seq.seq_id]
+                                                 or seq.num_tokens >= self.cfg.max_model_len)
 
     def run(self, max_steps=10_000):
         for _ in range(max_steps):
@@ -96,13 +131,16 @@ class FakeEngine:
         assert bp.num_free_blocks(pool) == self.cfg.num_blocks
 
 
-def test_single_request_tokens_and_chunked_prefill():
-    eng = FakeEngine(num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=4, max_model_len=128)
+@pytest.mark.parametrize("async_steps", [False, True])
+def test_single_request_tokens_and_chunked_prefill(async_steps):
+    eng = FakeEngine(num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=4, max_model_len=128,
+                     async_steps=async_steps)
     (seq,) = eng.add("r", range(40), max_tokens=5)
     eng.run()
     assert len(seq.output_token_ids) == 5 and seq.status == SequenceStatus.FINISHED_LENGTH_CAPPED
     chunks = [s.num_new_tokens for out, _ in eng.steps for s in out.scheduled]
-    assert chunks == [16, 16, 8, 1, 1, 1, 1]  # 40-token prompt over 3 steps, then 4 decodes
+    # 40-token prompt over 3 steps, then 4 decodes; async scheduling adds no row for the token after the last
+    assert chunks == [16, 16, 8, 1, 1, 1, 1]
     eng.assert_pool_full()
 
 
@@ -291,7 +329,8 @@ def scenarios(draw):
     num_blocks = draw(st.integers(-(-max_model_len // bs), 3 * -(-max_model_len // bs)))
     cfg = dict(num_blocks=num_blocks, block_size=bs, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                max_model_len=max_model_len, enable_chunked_prefill=chunked,
-               enable_prefix_caching=draw(st.booleans()), policy=draw(st.sampled_from(["continuous", "static"])))
+               enable_prefix_caching=draw(st.booleans()), policy=draw(st.sampled_from(["continuous", "static"])),
+               async_steps=draw(st.booleans()))
     reqs = []
     for _ in range(draw(st.integers(1, 12))):
         plen = draw(st.integers(1, max_model_len - 1))
@@ -331,7 +370,7 @@ def test_random_simulation(scenario):
                 want = min(max_tokens, cfg["max_model_len"] - seq.num_prompt_tokens)
                 assert len(seq.output_token_ids) == want
     eng.assert_pool_full()
-    event(f"preempted={any(out.preempted for out, _ in eng.steps)}")
+    event(f"async={eng.async_steps}, preempted={any(out.preempted for out, _ in eng.steps)}")
     event(f"copies={any(out.blocks_to_copy for out, _ in eng.steps)}")
     event(f"prefix_hits={eng.sched.pool.hit_tokens > 0}")
     m = eng.sched.metrics()
