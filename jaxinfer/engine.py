@@ -216,8 +216,6 @@ class LLMEngine:
         outputs returned are those of the previous step."""
         outputs = []
         previous, self._inflight = self._inflight, None
-        if previous is not None and self._needs_known_tokens(previous):
-            outputs, previous = self._complete(previous), None
         launched = self._launch(previous)
         if previous is not None:
             outputs = self._complete(previous)  # while the device runs `launched`
@@ -229,13 +227,6 @@ class LLMEngine:
             else:
                 outputs = self._complete(launched)
         return outputs
-
-    @staticmethod
-    def _needs_known_tokens(step: _LaunchedStep) -> bool:
-        """Penalties count every output token on the host: a sequence with penalties whose last token is still
-        in flight waits for it (that step runs synchronously)."""
-        return any(s.samples and not s.seq.is_finished and s.seq.sampling_params.has_penalties
-                   for s in step.sched.scheduled)
 
     def _launch(self, previous: _LaunchedStep | None) -> _LaunchedStep | None:
         new_batch = self.scheduler.num_running == 0
@@ -259,7 +250,7 @@ class LLMEngine:
             index = req.seqs.index(seq)
             rows.append(sampler.RowInfo(params=req.params, seed=sampler.row_seed(req.params, req.seed, index),
                                         step=len(seq.output_token_ids), prompt_token_ids=seq.prompt_token_ids,
-                                        output_token_ids=seq.output_token_ids)
+                                        output_token_ids=seq.output_token_ids, pending_row=pending_row)
                         if s.samples else sampler.RowInfo(params=_NO_SAMPLE, seed=0, step=0))
             # Entry j of prompt_logprobs is for prompt token j; positions recomputed after a preemption already
             # have theirs.

@@ -108,8 +108,9 @@ class ModelRunner:
             logits = logits[batch.logits_indices]
         return (logits, prompt_lp), kv_cache
 
-    def _sample_impl(self, logits, tensors, flags, eos_token_ids):
-        out = sampler.sample(logits, tensors, flags=flags, eos_token_ids=eos_token_ids)
+    def _sample_impl(self, logits, tensors, prev_token_ids, flags, eos_token_ids):
+        out = sampler.sample(logits, tensors, flags=flags, eos_token_ids=eos_token_ids,
+                             prev_token_ids=prev_token_ids)
         padded = jnp.zeros(self.max_rows, jnp.int32).at[:out.token_ids.shape[0]].set(out.token_ids)
         return out, padded
 
@@ -140,7 +141,7 @@ class ModelRunner:
             targets[:len(flat)] = flat
         prev_tokens = previous.padded_token_ids if previous is not None else self._no_prev_tokens
         (logits, prompt_lp), self.kv_cache = self._forward(self.params, self.kv_cache, batch, targets, prev_tokens)
-        out, padded = self._sample(logits, tensors, flags=flags, eos_token_ids=self.eos_token_ids)
+        out, padded = self._sample(logits, tensors, prev_tokens, flags=flags, eos_token_ids=self.eos_token_ids)
         for leaf in jax.tree_util.tree_leaves((out, prompt_lp)):
             leaf.copy_to_host_async()  # start the (small) copy back now, not when the host asks
         return StepHandle(out, prompt_lp, padded)
@@ -174,7 +175,8 @@ class ModelRunner:
             tensors, flags = sampler.make_sampling_tensors(rows, self.num_rows(num_tokens), self.config.vocab_size)
             (logits, _), self.kv_cache = self._forward(self.params, self.kv_cache, batch, None,
                                                        self._no_prev_tokens)
-            jax.block_until_ready(self._sample(logits, tensors, flags=flags, eos_token_ids=self.eos_token_ids))
+            jax.block_until_ready(self._sample(logits, tensors, self._no_prev_tokens, flags=flags,
+                                               eos_token_ids=self.eos_token_ids))
         n = 1
         while n <= self.max_num_seqs:  # copy-on-write block copies, bucketed by count
             self.copy_blocks([(0, 0)] * n)

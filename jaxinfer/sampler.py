@@ -72,6 +72,9 @@ class RowInfo:
     step: int
     prompt_token_ids: Sequence[int] | None = None
     output_token_ids: Sequence[int] | None = None
+    # Async scheduling: the last output token is still on the device, in this row of the previous step's sampled
+    # ids (`sample`'s prev_token_ids); -1 = every output token is known. Only penalties need it.
+    pending_row: int = -1
 
     @property
     def suppress_stop(self) -> bool:
@@ -102,6 +105,7 @@ class PenaltyTensors:
     frequency: np.ndarray      # [S] f32
     token_ids: np.ndarray      # [S, U] int32: distinct tokens of prompt+output, -1 padded; U a power of two
     output_counts: np.ndarray  # [S, U] f32: occurrences of each in the output (0: prompt only)
+    pending_row: np.ndarray    # [S] int32: row of prev_token_ids holding one more output token, -1 = none
 
 
 @jax.tree_util.register_dataclass
@@ -191,6 +195,7 @@ def _make_penalties(rows: Sequence[RowInfo], S: int) -> PenaltyTensors:
     rep = np.ones(S, np.float32)
     pres = np.zeros(S, np.float32)
     freq = np.zeros(S, np.float32)
+    pending_row = np.full(S, -1, np.int32)
     per_row = []
     for i, r in enumerate(rows):
         p = r.params
@@ -202,6 +207,7 @@ def _make_penalties(rows: Sequence[RowInfo], S: int) -> PenaltyTensors:
         output = np.asarray(r.output_token_ids, np.int64).reshape(-1)
         output = output[output >= 0]
         rep[i], pres[i], freq[i] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+        pending_row[i] = r.pending_row
         ids = np.unique(np.concatenate([prompt[prompt >= 0], output]))
         out_ids, out_counts = np.unique(output, return_counts=True)
         counts = np.zeros(ids.size, np.float32)
@@ -213,7 +219,7 @@ def _make_penalties(rows: Sequence[RowInfo], S: int) -> PenaltyTensors:
     for i, ids, counts in per_row:
         token_ids[i, :ids.size] = ids
         output_counts[i, :ids.size] = counts
-    return PenaltyTensors(rep, pres, freq, token_ids, output_counts)
+    return PenaltyTensors(rep, pres, freq, token_ids, output_counts, pending_row)
 
 
 # ================================================================================================================
@@ -227,13 +233,17 @@ class SamplerOutput(NamedTuple):
 
 
 def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplingFlags,
-           eos_token_ids: tuple[int, ...] = ()) -> SamplerOutput:
-    """One token per row of `logits` [S, V]. `flags` and `eos_token_ids` must be static under jit."""
+           eos_token_ids: tuple[int, ...] = (), prev_token_ids: jax.Array | None = None) -> SamplerOutput:
+    """One token per row of `logits` [S, V]. `flags` and `eos_token_ids` must be static under jit.
+    prev_token_ids: the previous step's sampled ids, which penalties' pending_row entries read."""
     raw = logits.astype(jnp.float32)
     S, V = raw.shape
     x = raw
     if flags.any_penalties:
-        x = apply_penalties(x, tensors.penalties)
+        pen = tensors.penalties
+        if prev_token_ids is not None:
+            pen = add_pending_tokens(pen, prev_token_ids)
+        x = apply_penalties(x, pen)
     if flags.any_min_tokens:
         x = _suppress_stop_tokens(x, tensors, eos_token_ids)
 
@@ -273,6 +283,18 @@ def compute_logprobs(logits: jax.Array, token_ids: jax.Array, k: int):
         return chosen, jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), jnp.float32)
     vals, ids = jax.lax.top_k(logits, k)
     return chosen, ids.astype(jnp.int32), vals - lse[:, None]
+
+
+def add_pending_tokens(pen: PenaltyTensors, prev_token_ids: jax.Array) -> PenaltyTensors:
+    """Count each row's pending output token (known only on device): one more occurrence of a listed token, or
+    a new entry in one extra column."""
+    rows = pen.pending_row
+    token = jnp.where(rows >= 0, prev_token_ids[jnp.maximum(rows, 0)], -1)
+    match = (pen.token_ids == token[:, None]) & (token[:, None] >= 0)
+    new_id = jnp.where(match.any(axis=1), -1, token)[:, None]
+    return dataclasses.replace(
+        pen, token_ids=jnp.concatenate([pen.token_ids, new_id], axis=1),
+        output_counts=jnp.concatenate([pen.output_counts + match, (new_id >= 0).astype(jnp.float32)], axis=1))
 
 
 def apply_penalties(logits: jax.Array, pen: PenaltyTensors) -> jax.Array:

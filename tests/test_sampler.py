@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxinfer.sampler import (RowInfo, SamplingFlags, apply_penalties, make_sampling_tensors, row_seed,
-                              sample_jit)
+from jaxinfer.sampler import (RowInfo, SamplingFlags, add_pending_tokens, apply_penalties, make_sampling_tensors,
+                              row_seed, sample_jit)
+from jaxinfer.sequence import PENDING_TOKEN
 from jaxinfer.sampling_params import SamplingParams
 
 EOS = 2
@@ -171,6 +172,25 @@ def test_penalties_match_numpy():
         assert out.token_ids[i] == np.argmax(np_penalise(boosted[i], prompts[i], outputs[i], params[i]))
     with pytest.raises(ValueError, match="history"):
         make_sampling_tensors([RowInfo(params[0], seed=0, step=0)], 1, V)
+
+
+def test_pending_output_token_counts_like_a_known_one():
+    """Async scheduling: a row's last output token is still on device (PENDING_TOKEN on the host, its id in the
+    previous step's sampled ids). Penalties must treat it exactly as if it were known: as one more occurrence
+    of a token already in the history (row 0) or as a new token (row 1)."""
+    rng = np.random.default_rng(5)
+    V = 64
+    logits = jax.numpy.asarray(rng.standard_normal((3, V)).astype(np.float32))
+    p = SamplingParams(temperature=0, repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.7)
+    prompts, outputs, pending = [[1, 5], [3, 4], [8]], [[5, 7], [9], [2]], [7, 40, None]
+    prev_token_ids = jax.numpy.asarray([0, pending[0], 0, pending[1]], jax.numpy.int32)  # rows 1 and 3 hold them
+    known = [RowInfo(p, seed=0, step=3, prompt_token_ids=pr, output_token_ids=o + ([t] if t is not None else []))
+             for pr, o, t in zip(prompts, outputs, pending)]
+    in_flight = [RowInfo(p, seed=0, step=3, prompt_token_ids=pr, output_token_ids=o + [PENDING_TOKEN],
+                         pending_row=row) for pr, o, row in zip(prompts[:2], outputs[:2], (1, 3))] + known[2:]
+    want = apply_penalties(logits, make_sampling_tensors(known, 3, V)[0].penalties)
+    pen = add_pending_tokens(make_sampling_tensors(in_flight, 3, V)[0].penalties, prev_token_ids)
+    np.testing.assert_array_equal(np.asarray(apply_penalties(logits, pen)), np.asarray(want))
 
 
 def test_no_penalty_history_crosses_when_off():
