@@ -105,14 +105,27 @@ class AsyncEngine:
                     streams = list(self._streams.items())
                 for request_id, (loop, queue) in streams:
                     self.engine.abort_request(request_id)
-                    loop.call_soon_threadsafe(queue.put_nowait, e)
+                    _call_in_loop(loop, queue.put_nowait, e)
                 continue
             for out in outputs:
                 with self._lock:
                     target = self._streams.get(out.request_id)
                 if target is not None:
                     loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                    if not _call_in_loop(loop, queue.put_nowait, out):  # its event loop is gone: nobody listens
+                        with self._lock:
+                            self._streams.pop(out.request_id, None)
+                        self.engine.abort_request(out.request_id)
+
+
+def _call_in_loop(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """Schedule fn(*args) on the stream's event loop; False when that loop has closed (its caller is gone),
+    which must not kill the engine thread."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _resolve(loop, future, error) -> None:
@@ -127,4 +140,4 @@ def _resolve(loop, future, error) -> None:
         else:
             future.set_exception(error)
 
-    loop.call_soon_threadsafe(set_result)
+    _call_in_loop(loop, set_result)

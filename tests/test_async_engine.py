@@ -72,3 +72,21 @@ def test_bad_request_fails_alone_and_disconnect_frees_blocks(async_engine, token
     final, _, _ = asyncio.run(main())
     assert final.finished and len(final.token_ids) == 8
     assert _wait_until_idle(async_engine)
+
+
+def test_closed_event_loop_aborts_its_request_and_engine_keeps_serving(async_engine, tokenizer):
+    """A caller whose event loop closes without closing its stream: the engine thread must not die delivering
+    to it, and the request's blocks must be freed."""
+    loop = asyncio.new_event_loop()
+    stream = async_engine.generate(wikitext_ids(tokenizer, 30, offset=77), SamplingParams(max_tokens=300,
+                                                                                         ignore_eos=True))
+    loop.run_until_complete(stream.__anext__())
+    loop.close()  # the stream is left suspended, its finally never runs
+    assert _wait_until_idle(async_engine)
+    assert async_engine._thread.is_alive()
+
+    async def next_caller():
+        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+        return [out async for out in async_engine.generate(wikitext_ids(tokenizer, 10), params)][-1]
+
+    assert len(asyncio.run(next_caller()).token_ids) == 5
