@@ -165,6 +165,14 @@ class Workload:
     def max_total_len(self) -> int:
         return max(r.total_len for r in self.requests)
 
+    def static_row_factor(self, batch_size: int) -> float:
+        """Decode rows static batching computes per useful one: batches of `batch_size` in arrival order, each
+        running every row until its longest request ends. Where a step costs its row count (CPU), it bounds
+        what any scheduler can gain over static batching on this workload."""
+        lens = self.output_lens
+        rows = sum(len(b) * max(b) for b in (lens[i:i + batch_size] for i in range(0, len(lens), batch_size)))
+        return rows / sum(lens)
+
     def summary(self) -> str:
         p = np.array([r.prompt_len for r in self.requests])
         o = np.array(self.output_lens)
