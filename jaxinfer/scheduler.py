@@ -262,8 +262,11 @@ class Scheduler:
 
     def _num_seats_taken(self) -> int:
         """Running sequences plus the siblings that running leaders will fork (their seats are reserved at
-        the leader's admission, so a fork never exceeds max_num_seqs)."""
-        return len(self.running) + sum(len(pending) for leader_id, pending in self._pending_forks.items()
+        the leader's admission, so a fork never exceeds max_num_seqs). A sequence whose final token is pending
+        (async) takes no seat: it gets no more steps, so its slot is refilled as soon as a synchronous engine
+        would have finished it."""
+        running = sum(not self._final_token_pending(seq) for seq in self.running)
+        return running + sum(len(pending) for leader_id, pending in self._pending_forks.items()
                                        if self._seqs[leader_id].status == SequenceStatus.RUNNING)
 
     def _final_token_pending(self, seq: Sequence) -> bool:

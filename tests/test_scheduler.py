@@ -53,7 +53,9 @@ class FakeEngine:
         self.steps.append((out, {s.seq_id for s in running_before}))
         # Budgets.
         assert out.num_batched_tokens <= cfg.max_num_batched_tokens
-        assert len(out.scheduled) <= cfg.max_num_seqs and sched.num_running <= cfg.max_num_seqs
+        assert len(out.scheduled) <= cfg.max_num_seqs
+        # (async: a sequence whose final token is in flight has given its seat up already)
+        assert sum(not self._final_token_in_flight(s) for s in sched.running) <= cfg.max_num_seqs
         assert len({s.seq.seq_id for s in out.scheduled}) == len(out.scheduled)
         # Decodes first: no running decode is left out (unless preempted), and they precede prefill chunks.
         ids = {s.seq.seq_id for s in out.scheduled} | {s.seq_id for s in out.preempted}
@@ -157,17 +159,20 @@ def test_no_chunking_prefills_in_one_piece():
         SchedulerConfig(num_blocks=64, max_model_len=128, max_num_batched_tokens=64, enable_chunked_prefill=False)
 
 
-def test_finished_slot_refilled_next_step():
-    eng = FakeEngine(num_blocks=64, block_size=4, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64)
+@pytest.mark.parametrize("async_steps", [False, True])
+def test_finished_slot_refilled_next_step(async_steps):
+    eng = FakeEngine(num_blocks=64, block_size=4, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64,
+                     async_steps=async_steps)
     a, = eng.add("a", range(5), 2)
     b, = eng.add("b", range(10, 15), 6)
     c, = eng.add("c", range(20, 25), 2)
     eng.step()  # prefill a, b (a samples its 1st token)
     assert eng.sched.num_running == 2 and eng.sched.num_waiting == 1
-    eng.step()  # a samples its 2nd token and is finished by the engine
-    assert a.is_finished
-    out = eng.step()
+    eng.step()  # a samples its 2nd (last) token; async: still on the device
+    assert a.is_finished != async_steps
+    out = eng.step()  # async: a's seat is free although its token arrives only now
     assert [s.seq for s in out.scheduled] == [b, c] and out.scheduled[1].start == 0
+    assert a.is_finished
     eng.run()
     eng.assert_pool_full()
 
