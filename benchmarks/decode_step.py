@@ -49,16 +49,18 @@ def main() -> None:
     p.add_argument("--contexts", default="8,150", help="mean context; contexts spread from 16 to 2*mean-16")
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--weight-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="stored weights (the engine's default is bfloat16; activations and KV stay float32)")
+                   help="stored layer weights (the engine's default is bfloat16; activations and KV stay float32)")
+    p.add_argument("--head-dtype", default="float32", choices=("bfloat16", "float32"),
+                   help="embedding / LM head (the engine keeps them at the activation dtype, float32 on CPU)")
     a = p.parse_args()
     weight_dtype = jnp.dtype(a.weight_dtype)
     config = load_preset("smollm2-135m")
-    params = random_params(config, weight_dtype)
+    params = random_params(config, weight_dtype, head_dtype=jnp.dtype(a.head_dtype))
     model = LlamaModel(config)
     step = jax.jit(lambda p, kv, b: model.apply({"params": p}, kv, b), donate_argnums=1)
     block = 16
     print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; model smollm2-135m, random "
-          f"{a.weight_dtype} weights, float32 activations and KV")
+          f"{a.weight_dtype} weights, {a.head_dtype} embedding and LM head, float32 activations and KV")
     print("| sequences | mean context | ms/step (median) | tok/s | matmul roofline ms | step / roofline |")
     print("|---|---|---|---|---|---|")
     for batch in [int(b) for b in a.batches.split(",")]:

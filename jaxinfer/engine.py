@@ -97,7 +97,13 @@ class LLMEngine:
         dtype = _DTYPES[args.dtype or ("float32" if backend == "cpu" else "bfloat16")]
         kv_dtype = _DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else dtype
         weight_dtype = _DTYPES[args.weight_dtype or "bfloat16"]
-        self.config, params = load_weights(args.model, weight_dtype, verbose=args.verbose)
+        # The embedding and LM head are kept at the activation precision when it is wider than the weights'
+        # (f32 with bf16 weights, the CPU default): `layers.linear` rounds its input to the weight dtype, and at
+        # the LM head, and with tied embeddings at the lookup, bf16 flips close calls between the top tokens
+        # (SmolLM2-135M then answers "What is the capital of France?" with "L'Étoile, la Marseillaise, ..." where
+        # HF fp32 says "The capital of France is Paris."). It is one matrix, 0.06 GiB more for SmolLM2.
+        head_dtype = max(weight_dtype, dtype, key=lambda d: jnp.dtype(d).itemsize)
+        self.config, params = load_weights(args.model, weight_dtype, head_dtype=head_dtype, verbose=args.verbose)
         path = resolve_model(args.model)
         tokenizer_source = args.tokenizer or (None if path.startswith("random:") else path)  # random weights: none
         self.tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None

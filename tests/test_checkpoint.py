@@ -76,6 +76,9 @@ def test_mixed_dtypes_and_cast_on_load(tmp_path):
     _, cast = load_checkpoint(str(tmp_path / "c"), dtype=jnp.bfloat16)
     assert {x.dtype for x in jax.tree_util.tree_leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
     np.testing.assert_array_equal(np.asarray(cast["lm_head"]), np.asarray(params["lm_head"].astype(jnp.bfloat16)))
+    _, head_wide = load_checkpoint(str(tmp_path / "c"), dtype=jnp.bfloat16, head_dtype=jnp.float32)
+    assert head_wide["lm_head"].dtype == jnp.float32 and head_wide["layers_0"]["w_up"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(head_wide["lm_head"]), np.asarray(params["lm_head"]))
 
 
 def test_relative_paths(tmp_path, monkeypatch):

@@ -96,6 +96,14 @@ def test_bf16_checkpoint(tmp_path):
     _assert_params_equal(config, params, sd)  # bf16 -> bf16 is exact
 
 
+def test_head_dtype_applies_to_embedding_and_lm_head_only(tmp_path):
+    sd = _save_hf("llama", tmp_path)  # untied: separate embedding and LM head
+    config, params = load_safetensors(str(tmp_path), jnp.bfloat16, head_dtype=jnp.float32)
+    assert params["embed"].dtype == params["lm_head"].dtype == jnp.float32
+    assert params["layers_0"]["wq"].dtype == params["final_norm"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]), sd["lm_head.weight"].T)
+
+
 def test_relative_path(tmp_path, monkeypatch):
     sd = _save_hf("llama", tmp_path / "m")
     monkeypatch.chdir(tmp_path)

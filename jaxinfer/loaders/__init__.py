@@ -7,7 +7,9 @@ import time
 from jaxinfer.loaders.common import CheckpointError, params_nbytes
 
 
-def load_weights(source: str, dtype, *, verbose: bool = True):
+def load_weights(source: str, dtype, *, head_dtype=None, verbose: bool = True):
+    """(config, params) from a registered name, GGUF file, HF directory or orbax checkpoint. Weights in `dtype`;
+    the embedding and LM head in `head_dtype` (default: dtype)."""
     from jaxinfer.registry import resolve_model
 
     path = resolve_model(source)
@@ -17,19 +19,19 @@ def load_weights(source: str, dtype, *, verbose: bool = True):
         from jaxinfer.loaders.common import random_params
 
         config = load_preset(path.split(":", 1)[1])
-        params = random_params(config, dtype)
+        params = random_params(config, dtype, head_dtype=head_dtype)
     elif path.endswith(".gguf"):
         from jaxinfer.loaders.gguf import load_gguf
 
-        config, params = load_gguf(path, dtype)
+        config, params = load_gguf(path, dtype, head_dtype)
     elif os.path.isdir(path) and os.path.exists(os.path.join(path, "jaxinfer_config.json")):
         from jaxinfer.loaders.checkpoint import load_checkpoint
 
-        config, params = load_checkpoint(path, dtype)
+        config, params = load_checkpoint(path, dtype, head_dtype)
     elif os.path.isdir(path):
         from jaxinfer.loaders.safetensors import load_safetensors
 
-        config, params = load_safetensors(path, dtype)
+        config, params = load_safetensors(path, dtype, head_dtype)
     else:
         raise CheckpointError(f"don't know how to load {path!r}: expected a .gguf file, an HF safetensors "
                               "directory, or a jaxinfer orbax checkpoint directory")

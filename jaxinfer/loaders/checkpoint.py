@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.loaders.common import CheckpointError, params_nbytes, read_json
+from jaxinfer.loaders.common import HEAD_PARAMS, CheckpointError, params_nbytes, read_json
 
 CONFIG_FILE = "jaxinfer_config.json"  # what jaxinfer.loaders.load_weights looks for
 PARAMS_DIR = "params"
@@ -61,9 +61,10 @@ def save_checkpoint(path: str, config: ModelConfig, params, overwrite: bool = Fa
     return path
 
 
-def load_checkpoint(path: str, dtype=None) -> tuple[ModelConfig, dict]:
+def load_checkpoint(path: str, dtype=None, head_dtype=None) -> tuple[ModelConfig, dict]:
     """Restore (config, params) written by save_checkpoint. `dtype` casts the plain floating weights (None: as
-    saved); quantized weights always keep their saved codes and scale dtypes."""
+    saved), `head_dtype` the embedding and LM head (default: dtype); quantized weights always keep their saved
+    codes and scale dtypes."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.path.expanduser(path))
@@ -82,8 +83,10 @@ def load_checkpoint(path: str, dtype=None) -> tuple[ModelConfig, dict]:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
         def abstract(keypath, m):
-            cast = dtype is not None and not _under(_path_str(keypath), quantized)
-            return jax.ShapeDtypeStruct(m.shape, _cast(m.dtype, dtype if cast else None), sharding=device)
+            name = _path_str(keypath)
+            want = head_dtype if head_dtype is not None and name in HEAD_PARAMS else dtype
+            cast = want is not None and not _under(name, quantized)
+            return jax.ShapeDtypeStruct(m.shape, _cast(m.dtype, want if cast else None), sharding=device)
 
         target = jax.tree_util.tree_map_with_path(abstract, tree)
         try:

@@ -60,11 +60,18 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def build_params(config: ModelConfig, get: Callable[[str], np.ndarray], dtype, desc: str = "loading weights"):
-    """Build the weight pytree from HF-named tensors. Checks every shape; shows progress."""
-    shapes = expected_shapes(config)
+# Pytree names of the token embedding and LM head, which `head_dtype` applies to.
+HEAD_PARAMS = ("embed", "lm_head")
 
-    def fetch(name: str, transpose: bool = False):
+
+def build_params(config: ModelConfig, get: Callable[[str], np.ndarray], dtype, desc: str = "loading weights",
+                 head_dtype=None):
+    """Build the weight pytree from HF-named tensors. Checks every shape; shows progress. head_dtype (default:
+    dtype) is for the embedding and LM head: the engine keeps them wider than bf16 layer weights on CPU."""
+    shapes = expected_shapes(config)
+    head_dtype = head_dtype or dtype
+
+    def fetch(name: str, transpose: bool = False, dtype=dtype):
         try:
             arr = np.asarray(get(name))
         except KeyError:
@@ -77,10 +84,10 @@ def build_params(config: ModelConfig, get: Callable[[str], np.ndarray], dtype, d
 
     params = {"final_norm": fetch("model.norm.weight")}
     if config.tie_word_embeddings:  # one [hidden, vocab] matrix serves both ends (model.py says why)
-        params["lm_head"] = fetch("model.embed_tokens.weight", transpose=True)
+        params["lm_head"] = fetch("model.embed_tokens.weight", transpose=True, dtype=head_dtype)
     else:
-        params["embed"] = fetch("model.embed_tokens.weight")
-        params["lm_head"] = fetch("lm_head.weight", transpose=True)
+        params["embed"] = fetch("model.embed_tokens.weight", dtype=head_dtype)
+        params["lm_head"] = fetch("lm_head.weight", transpose=True, dtype=head_dtype)
     for i in tqdm(range(config.num_layers), desc=desc, unit="layer", disable=_quiet()):
         p = f"model.layers.{i}."
         layer = {"attn_norm": fetch(p + "input_layernorm.weight"),
@@ -96,7 +103,7 @@ def params_nbytes(params) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
 
 
-def random_params(config: ModelConfig, dtype, seed: int = 0, scale: float = 0.02):
+def random_params(config: ModelConfig, dtype, seed: int = 0, scale: float = 0.02, head_dtype=None):
     """Random weights with a model's true shapes (benchmarks and planning without a checkpoint)."""
     rng = np.random.default_rng(seed)
 
@@ -106,7 +113,7 @@ def random_params(config: ModelConfig, dtype, seed: int = 0, scale: float = 0.02
             return np.ones(shape, np.float32)
         return (rng.standard_normal(shape, dtype=np.float32) * scale)
 
-    return build_params(config, get, dtype, desc="random weights")
+    return build_params(config, get, dtype, desc="random weights", head_dtype=head_dtype)
 
 
 def _quiet() -> bool:

@@ -131,11 +131,12 @@ def gguf_tensor_getter(reader, config: ModelConfig):
     return get
 
 
-def load_gguf(path: str, dtype):
+def load_gguf(path: str, dtype, head_dtype=None):
     reader = open_gguf(path)
     config = config_from_gguf(reader, name=os.path.basename(path))
     try:
-        params = build_params(config, gguf_tensor_getter(reader, config), dtype, desc=f"loading {os.path.basename(path)}")
+        params = build_params(config, gguf_tensor_getter(reader, config), dtype,
+                              desc=f"loading {os.path.basename(path)}", head_dtype=head_dtype)
     except (ValueError, IndexError) as e:
         if isinstance(e, CheckpointError):
             raise

@@ -18,7 +18,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def load_safetensors(path: str, dtype) -> tuple[ModelConfig, dict]:
+def load_safetensors(path: str, dtype, head_dtype=None) -> tuple[ModelConfig, dict]:
     """Load a HF model directory into (ModelConfig, weight pytree) with weights cast to `dtype`.
 
     Raises CheckpointError (naming the offending file) for a missing directory/config.json/shard, a corrupt
@@ -30,7 +30,8 @@ def load_safetensors(path: str, dtype) -> tuple[ModelConfig, dict]:
     config = ModelConfig.from_hf_config(read_hf_config(model_dir), name=os.path.basename(model_dir))
     start = time.perf_counter()
     with _TensorSource(model_dir) as source:
-        params = build_params(config, source.get, dtype, desc=f"loading {os.path.basename(model_dir)}")
+        params = build_params(config, source.get, dtype, desc=f"loading {os.path.basename(model_dir)}",
+                              head_dtype=head_dtype)
     if os.environ.get("JAXINFER_QUIET", "") != "1":
         print(f"loaded {params_nbytes(params) / 2**20:.1f} MiB from {len(source.files)} safetensors file(s) "
               f"in {time.perf_counter() - start:.2f}s")
