@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jaxinfer.quantization import quantize  # noqa: E402
 from pallas_kernels.paged_attention import ragged_paged_attention, reference_paged_attention  # noqa: E402
-from pallas_kernels.quant_matmul import quant_matmul, quantize  # noqa: E402
+from pallas_kernels.quant_matmul import quant_matmul  # noqa: E402
 
 # Peak HBM bandwidth, TB/s, matched against jax's device_kind (most specific first).
 PEAK_TBPS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35), ("A100", 2.0)]

@@ -24,7 +24,7 @@ def dot_in_weight_dtype(x, w):
 
 
 def linear(x, w, bias=None, *, matmul_backend: str = "xla"):
-    """y = x @ w (+ bias). `w` is a plain [in, out] array or a packed QuantizedWeight."""
+    """y = x @ w (+ bias). `w` is a plain [in, out] array or a packed `jaxinfer.quantization.QuantizedWeight`."""
     if isinstance(w, jax.Array) or isinstance(w, np.ndarray):
         y = dot_in_weight_dtype(x, w)
     else:

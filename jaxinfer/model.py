@@ -14,42 +14,52 @@ from jaxinfer.attention import keys_transposed, paged_attention, plan_xla_attent
 from jaxinfer.batch import StepBatch
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import apply_rope, linear, rms_norm, rope_inv_freq, rope_tables
+from jaxinfer.params import Kind, global_specs, layer_specs
 
-_init = nn.initializers.normal(0.02)
+_INITS = {Kind.LINEAR: nn.initializers.normal(0.02), Kind.HEAD: nn.initializers.normal(0.02),
+          Kind.NORM: nn.initializers.ones, Kind.BIAS: nn.initializers.zeros}
+
+
+def _declare(module: nn.Module, specs, dtype, packing: dict) -> dict:
+    """The module's parameters, declared from their specs: Flax checks every loaded leaf's shape against the
+    declaration, including the packed leaves of a quantized weight (`packing`: name -> QuantLayout)."""
+    out = {}
+    for spec in specs:
+        layout = packing.get(spec.name)
+        init = (lambda _rng, shape, _dtype, layout=layout: layout.zeros(shape)) if layout else _INITS[spec.kind]
+        out[spec.name] = module.param(spec.name, init, spec.shape, dtype)
+    return out
 
 
 class DecoderLayer(nn.Module):
     config: ModelConfig
+    layer: int
     dtype: jnp.dtype
     attention_backend: str
     matmul_backend: str
-
-    def _w(self, name, shape, init=_init):
-        return self.param(name, init, shape, self.dtype)
+    packing: tuple = ()  # ((name, QuantLayout), ...): this layer's packed weights
 
     @nn.compact
     def __call__(self, x, kv, batch: StepBatch, cos, sin, plan):
         c = self.config
-        d, hd, h, kvh = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
-        lin = lambda v, name, shape, bias=None: linear(v, self._w(name, shape), bias, matmul_backend=self.matmul_backend)
-        bias = (lambda name, n: self._w(name, (n,), nn.initializers.zeros)) if c.attention_bias else (lambda *_: None)
+        hd, h, kvh = c.head_dim, c.num_heads, c.num_kv_heads
+        w = _declare(self, layer_specs(c, self.layer), self.dtype, dict(self.packing))
+        lin = lambda v, name, bias=None: linear(v, w[name], w.get(bias), matmul_backend=self.matmul_backend)
 
-        hn = rms_norm(x, self._w("attn_norm", (d,), nn.initializers.ones), c.rms_norm_eps)
+        hn = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
         t = x.shape[0]
-        q = lin(hn, "wq", (d, h * hd), bias("bq", h * hd)).reshape(t, h, hd)
-        k = lin(hn, "wk", (d, kvh * hd), bias("bk", kvh * hd)).reshape(t, kvh, hd)
-        v = lin(hn, "wv", (d, kvh * hd), bias("bv", kvh * hd)).reshape(t, kvh, hd)
+        q = lin(hn, "wq", "bq").reshape(t, h, hd)
+        k = lin(hn, "wk", "bk").reshape(t, kvh, hd)
+        v = lin(hn, "wv", "bv").reshape(t, kvh, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_pages, v_pages = write_kv(kv[0], kv[1], k, v, batch.slot_mapping,
                                     keys_transposed=keys_transposed(self.attention_backend))
         attn = paged_attention(q, k_pages, v_pages, batch, sm_scale=hd ** -0.5, sliding_window=c.sliding_window,
                                backend=self.attention_backend, plan=plan)
-        x = x + lin(attn.reshape(t, h * hd), "wo", (h * hd, d))
+        x = x + lin(attn.reshape(t, h * hd), "wo")
 
-        hn = rms_norm(x, self._w("mlp_norm", (d,), nn.initializers.ones), c.rms_norm_eps)
-        gate = lin(hn, "w_gate", (d, c.intermediate_size))
-        up = lin(hn, "w_up", (d, c.intermediate_size))
-        x = x + lin(jax.nn.silu(gate) * up, "w_down", (c.intermediate_size, d))
+        hn = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
+        x = x + lin(jax.nn.silu(lin(hn, "w_gate")) * lin(hn, "w_up"), "w_down")
         return x, (k_pages, v_pages)
 
 
@@ -58,12 +68,15 @@ class LlamaModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_backend: str = "xla"
     matmul_backend: str = "xla"
+    packing: tuple = ()  # ((spec key, QuantLayout), ...), e.g. (("layers_0/wq", layout), ...): packed weights
 
     @nn.compact
     def __call__(self, kv_cache, batch: StepBatch, all_logits: bool = False):
         """Returns (logits [S, V] at batch.logits_indices — or [T, V] with all_logits —, new kv_cache)."""
         c = self.config
-        lm_head = self.param("lm_head", _init, (c.hidden_size, c.vocab_size), self.dtype)
+        packing = dict(self.packing)
+        w = _declare(self, global_specs(c), self.dtype, {k: v for k, v in packing.items() if "/" not in k})
+        lm_head = w["lm_head"]
         if c.tie_word_embeddings:
             if not isinstance(lm_head, jax.Array):
                 raise ValueError("a tied-embedding model needs a plain lm_head array (the token lookup gathers its "
@@ -72,20 +85,22 @@ class LlamaModel(nn.Module):
             # transposed [vocab, hidden] operand, while gathering T columns for the lookup costs little.
             x = _gather_columns(lm_head, batch.token_ids).astype(self.dtype)
         else:
-            embed = self.param("embed", _init, (c.vocab_size, c.hidden_size), self.dtype)
-            x = embed[batch.token_ids].astype(self.dtype)
+            x = w["embed"][batch.token_ids].astype(self.dtype)
         cos, sin = rope_tables(batch.positions, rope_inv_freq(c))
         plan = None
         if self.attention_backend == "xla":  # computed once, shared by every layer
             plan = plan_xla_attention(batch, block_size=kv_cache[0][1].shape[2], sliding_window=c.sliding_window)
         new_cache = []
         for i in range(c.num_layers):
-            layer = DecoderLayer(c, self.dtype, self.attention_backend, self.matmul_backend, name=f"layers_{i}")
+            prefix = f"layers_{i}/"
+            layer_packing = tuple((k[len(prefix):], v) for k, v in self.packing if k.startswith(prefix))
+            layer = DecoderLayer(c, i, self.dtype, self.attention_backend, self.matmul_backend, layer_packing,
+                                 name=f"layers_{i}")
             x, kv = layer(x, kv_cache[i], batch, cos, sin, plan)
             new_cache.append(kv)
         if not all_logits:
             x = x[batch.logits_indices]  # only the rows we sample from go through the LM head
-        x = rms_norm(x, self.param("final_norm", nn.initializers.ones, (c.hidden_size,), self.dtype), c.rms_norm_eps)
+        x = rms_norm(x, w["final_norm"], c.rms_norm_eps)
         logits = linear(x.astype(jnp.float32), lm_head, matmul_backend=self.matmul_backend)  # f32 logits
         return logits, tuple(new_cache)
 

@@ -25,6 +25,7 @@ from jaxinfer.attention import DEFAULT_CHUNK_BLOCKS
 from jaxinfer.batch import SeqChunk, build_step_batch, bucket
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import LlamaModel, init_kv_cache
+from jaxinfer.quantization.weight import packing_of
 
 
 def token_buckets(max_num_batched_tokens: int, max_num_seqs: int = 0) -> tuple[int, ...]:
@@ -77,7 +78,7 @@ class ModelRunner:
         self.max_blocks = math.ceil(blocks / DEFAULT_CHUNK_BLOCKS) * DEFAULT_CHUNK_BLOCKS
         self.kv_cache = init_kv_cache(config, num_blocks, block_size, kv_dtype, attention_backend)
         self.model = LlamaModel(config, dtype=dtype, attention_backend=attention_backend,
-                                matmul_backend=matmul_backend)
+                                matmul_backend=matmul_backend, packing=packing_of(params))
         self.eos_token_ids = tuple(config.eos_token_ids)
         # Forward and sampler are separate jits: the forward compiles once per token bucket whatever sampling
         # options are in the batch; the sampler's variants are small and compile in a fraction of the time.

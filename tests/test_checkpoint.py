@@ -10,6 +10,7 @@ import pytest
 from jaxinfer.config import ModelConfig
 from jaxinfer.loaders.checkpoint import convert, is_orbax_checkpoint, load_checkpoint, save_checkpoint
 from jaxinfer.loaders.common import CheckpointError, random_params
+from jaxinfer.quantization import QuantizedWeight
 
 CONFIGS = {
     "llama": ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -44,16 +45,15 @@ def test_round_trip_exact(arch, tmp_path):
 
 
 def test_quantized_weights_round_trip(tmp_path):
-    qm = pytest.importorskip("pallas_kernels.quant_matmul")
     config = CONFIGS["qwen2"]
     params = random_params(config, jnp.bfloat16)
     rng = np.random.default_rng(0)
     k, n = params["layers_1"]["w_up"].shape  # [32, 48]
-    params["layers_1"]["w_up"] = qm.QuantizedWeight(
+    params["layers_1"]["w_up"] = QuantizedWeight(
         qweight=jnp.asarray(rng.integers(-2**31, 2**31 - 1, (k // 8, n)), jnp.int32),
         scales=jnp.asarray(rng.standard_normal((k // 16, n)), jnp.float16),
         offsets=jnp.asarray(rng.standard_normal((k // 16, n)), jnp.float32), perm=None, bits=4, group_size=16)
-    params["layers_0"]["wq"] = qm.QuantizedWeight(
+    params["layers_0"]["wq"] = QuantizedWeight(
         qweight=jnp.asarray(rng.integers(0, 255, (32, 32)), jnp.uint8),
         scales=jnp.asarray(rng.standard_normal((1, 32)), jnp.bfloat16), offsets=None,
         perm=jnp.asarray(rng.permutation(32), jnp.int32), bits=8, group_size=32)

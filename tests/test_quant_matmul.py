@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.quant_matmul import (QuantizedWeight, dequantize, from_awq, from_gguf, from_gptq, quant_matmul,
-                                         quantize, reference_quant_matmul)
+from jaxinfer.quantization import QuantizedWeight, dequantize, from_awq, from_gguf, from_gptq, quantize
+from pallas_kernels.quant_matmul import quant_matmul, reference_quant_matmul
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 K, N = 256, 64

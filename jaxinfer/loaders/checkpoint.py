@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.loaders.common import HEAD_PARAMS, CheckpointError, params_nbytes, read_json
+from jaxinfer.loaders.common import Checkpoint, CheckpointError, params_nbytes, read_json
+from jaxinfer.params import Kind, model_specs
 
 CONFIG_FILE = "jaxinfer_config.json"  # what jaxinfer.loaders.load_weights looks for
 PARAMS_DIR = "params"
@@ -61,6 +62,13 @@ def save_checkpoint(path: str, config: ModelConfig, params, overwrite: bool = Fa
     return path
 
 
+def open_orbax_checkpoint(path: str) -> Checkpoint:
+    """A checkpoint written by save_checkpoint: its config now, its weights when loaded."""
+    path = os.path.abspath(os.path.expanduser(path))
+    config, _ = _read_config(path)
+    return Checkpoint(path, config, lambda dtype, head_dtype=None: load_checkpoint(path, dtype, head_dtype)[1])
+
+
 def load_checkpoint(path: str, dtype=None, head_dtype=None) -> tuple[ModelConfig, dict]:
     """Restore (config, params) written by save_checkpoint. `dtype` casts the plain floating weights (None: as
     saved), `head_dtype` the embedding and LM head (default: dtype); quantized weights always keep their saved
@@ -82,9 +90,11 @@ def load_checkpoint(path: str, dtype=None, head_dtype=None) -> tuple[ModelConfig
         tree = getattr(tree, "tree", tree)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
+        heads = {s.key for s in model_specs(config) if s.kind == Kind.HEAD}
+
         def abstract(keypath, m):
             name = _path_str(keypath)
-            want = head_dtype if head_dtype is not None and name in HEAD_PARAMS else dtype
+            want = head_dtype if head_dtype is not None and name in heads else dtype
             cast = want is not None and not _under(name, quantized)
             return jax.ShapeDtypeStruct(m.shape, _cast(m.dtype, want if cast else None), sharding=device)
 
@@ -144,7 +154,7 @@ def _split_quantized(tree, path: str = "", out: dict | None = None):
 
 def _join_quantized(tree, quantized: dict, path: str = ""):
     if path in quantized:
-        from pallas_kernels.quant_matmul import QuantizedWeight
+        from jaxinfer.quantization import QuantizedWeight
 
         return QuantizedWeight(**{f: tree.get(f) for f in _QUANT_ARRAYS}, **quantized[path])
     if not quantized:

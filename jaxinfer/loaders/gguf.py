@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from jaxinfer.config import ModelConfig, UnsupportedModelError
-from jaxinfer.loaders.common import CheckpointError, build_params
+from jaxinfer.loaders.common import Checkpoint, CheckpointError, build_params
 
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
 
@@ -131,14 +131,24 @@ def gguf_tensor_getter(reader, config: ModelConfig):
     return get
 
 
-def load_gguf(path: str, dtype, head_dtype=None):
+def open_gguf_checkpoint(path: str) -> Checkpoint:
+    """A GGUF file: its config from the metadata now, its tensors when the checkpoint is loaded (the file is
+    memory-mapped once for both)."""
     reader = open_gguf(path)
     config = config_from_gguf(reader, name=os.path.basename(path))
-    try:
-        params = build_params(config, gguf_tensor_getter(reader, config), dtype,
-                              desc=f"loading {os.path.basename(path)}", head_dtype=head_dtype)
-    except (ValueError, IndexError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"corrupt tensor data in GGUF file {path}: {e}") from e
-    return config, params
+
+    def load(dtype, head_dtype=None):
+        try:
+            return build_params(config, gguf_tensor_getter(reader, config), dtype,
+                                desc=f"loading {os.path.basename(path)}", head_dtype=head_dtype)
+        except (ValueError, IndexError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"corrupt tensor data in GGUF file {path}: {e}") from e
+
+    return Checkpoint(path, config, load)
+
+
+def load_gguf(path: str, dtype, head_dtype=None):
+    checkpoint = open_gguf_checkpoint(path)
+    return checkpoint.config, checkpoint.load(dtype, head_dtype)

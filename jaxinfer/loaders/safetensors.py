@@ -12,14 +12,14 @@ import time
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.loaders.common import CheckpointError, build_params, params_nbytes, read_json
+from jaxinfer.loaders.common import Checkpoint, CheckpointError, build_params, params_nbytes, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def load_safetensors(path: str, dtype, head_dtype=None) -> tuple[ModelConfig, dict]:
-    """Load a HF model directory into (ModelConfig, weight pytree) with weights cast to `dtype`.
+def open_safetensors(path: str) -> Checkpoint:
+    """A HF model directory: its config now, its weights (cast to `dtype`) when the checkpoint is loaded.
 
     Raises CheckpointError (naming the offending file) for a missing directory/config.json/shard, a corrupt
     file or a missing tensor, and config.UnsupportedModelError for an architecture we do not implement.
@@ -28,14 +28,24 @@ def load_safetensors(path: str, dtype, head_dtype=None) -> tuple[ModelConfig, di
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"model directory not found: {model_dir}")
     config = ModelConfig.from_hf_config(read_hf_config(model_dir), name=os.path.basename(model_dir))
-    start = time.perf_counter()
-    with _TensorSource(model_dir) as source:
-        params = build_params(config, source.get, dtype, desc=f"loading {os.path.basename(model_dir)}",
-                              head_dtype=head_dtype)
-    if os.environ.get("JAXINFER_QUIET", "") != "1":
-        print(f"loaded {params_nbytes(params) / 2**20:.1f} MiB from {len(source.files)} safetensors file(s) "
-              f"in {time.perf_counter() - start:.2f}s")
-    return config, params
+
+    def load(dtype, head_dtype=None):
+        start = time.perf_counter()
+        with _TensorSource(model_dir) as source:
+            params = build_params(config, source.get, dtype, desc=f"loading {os.path.basename(model_dir)}",
+                                  head_dtype=head_dtype)
+        if os.environ.get("JAXINFER_QUIET", "") != "1":
+            print(f"loaded {params_nbytes(params) / 2**20:.1f} MiB from {len(source.files)} safetensors file(s) "
+                  f"in {time.perf_counter() - start:.2f}s")
+        return params
+
+    return Checkpoint(model_dir, config, load)
+
+
+def load_safetensors(path: str, dtype, head_dtype=None) -> tuple[ModelConfig, dict]:
+    """(config, params) of a HF model directory, weights cast to `dtype`."""
+    checkpoint = open_safetensors(path)
+    return checkpoint.config, checkpoint.load(dtype, head_dtype)
 
 
 def read_hf_config(model_dir: str) -> dict:
