@@ -24,10 +24,10 @@ import numpy as np
 from jaxinfer import sampler
 from jaxinfer.attention import default_attention_backend
 from jaxinfer.batch import SeqChunk
-from jaxinfer.loaders import load_weights
+from jaxinfer.loaders import load_params, open_checkpoint
 from jaxinfer.model_runner import ModelRunner, StepHandle, enable_compilation_cache
 from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from jaxinfer.registry import DEFAULT_MODEL, resolve_model
+from jaxinfer.registry import DEFAULT_MODEL
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxinfer.sequence import PENDING_TOKEN, Sequence, SequenceStatus
@@ -46,7 +46,7 @@ class EngineArgs:
     model: str = DEFAULT_MODEL
     tokenizer: str | None = None          # default: the model's own
     dtype: str | None = None              # activations; None: float32 on CPU, bfloat16 on GPU/TPU
-    weight_dtype: str | None = None       # stored weights; None: bfloat16 (bf16 x bf16 -> f32 dots, see layers.py)
+    weight_dtype: str | None = None       # stored weights; None: bfloat16, or on CPU the faster of bf16/f32 here
     kv_cache_dtype: str | None = None     # None: same as dtype
     block_size: int = 16
     num_kv_blocks: int | None = None      # overrides the memory budget below
@@ -96,15 +96,17 @@ class LLMEngine:
         backend = jax.default_backend()
         dtype = _DTYPES[args.dtype or ("float32" if backend == "cpu" else "bfloat16")]
         kv_dtype = _DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else dtype
-        weight_dtype = _DTYPES[args.weight_dtype or "bfloat16"]
+        checkpoint = open_checkpoint(args.model)
+        self.config = checkpoint.config
+        weight_dtype = _DTYPES[args.weight_dtype or self._default_weight_dtype(backend)]
         # The embedding and LM head are kept at the activation precision when it is wider than the weights'
         # (f32 with bf16 weights, the CPU default): `layers.linear` rounds its input to the weight dtype, and at
         # the LM head, and with tied embeddings at the lookup, bf16 flips close calls between the top tokens
         # (SmolLM2-135M then answers "What is the capital of France?" with "L'Étoile, la Marseillaise, ..." where
         # HF fp32 says "The capital of France is Paris."). It is one matrix, 0.06 GiB more for SmolLM2.
         head_dtype = max(weight_dtype, dtype, key=lambda d: jnp.dtype(d).itemsize)
-        self.config, params = load_weights(args.model, weight_dtype, head_dtype=head_dtype, verbose=args.verbose)
-        path = resolve_model(args.model)
+        params = load_params(checkpoint, weight_dtype, head_dtype=head_dtype, verbose=args.verbose)
+        path = checkpoint.path
         tokenizer_source = args.tokenizer or (None if path.startswith("random:") else path)  # random weights: none
         self.tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
         self.eos_token_ids = set(self.config.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
@@ -132,6 +134,19 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._stats = {"num_requests": 0, "num_generated_tokens": 0, "num_prompt_tokens": 0}
+
+    def _default_weight_dtype(self, backend: str) -> str:
+        """bfloat16 on accelerators; on CPU whichever of bf16 and f32 this machine runs faster (measured once
+        per machine and cached: cpu_probe.py), since that depends on the CPU's vector extensions."""
+        if backend != "cpu":
+            return "bfloat16"
+        from jaxinfer.cpu_probe import choose_weight_dtype
+
+        choice = choose_weight_dtype(self.config)
+        if self.args.verbose:
+            print(f"[jaxinfer] weight dtype {choice.dtype}: {choice.reason}"
+                  f"{' (cached measurement)' if choice.cached else ''}; weight_dtype= overrides", flush=True)
+        return choice.dtype
 
     def _num_kv_blocks(self, kv_dtype, params) -> int:
         a = self.args

@@ -1,0 +1,66 @@
+"""The CPU weight-dtype default is chosen from what this machine measures (jaxinfer/cpu_probe.py): the rule on
+hand-given timings of both kinds of machine seen, the per-machine cache, a real (tiny) measurement, and the engine
+using the choice unless weight_dtype= overrides it."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from jaxinfer import cpu_probe
+from jaxinfer.config import ModelConfig
+
+SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=8)
+
+
+def _seconds(f32, bf16):
+    return {"float32": dict(zip(cpu_probe.PROBE_ROWS, f32)), "bfloat16": dict(zip(cpu_probe.PROBE_ROWS, bf16))}
+
+
+def test_rule_on_both_kinds_of_machine():
+    # AVX2-only EPYC (issue 9's decode_step figures, ms at 2 / 32 sequences): bf16 slower at 2 rows -> f32
+    assert cpu_probe.decide(_seconds((50.9, 249.5), (71.2, 257.7)), 10**9, 2**34).dtype == "float32"
+    # AVX-512 + avx512_bf16 EPYC: bf16 1.4-2x faster at every row count -> bf16
+    assert cpu_probe.decide(_seconds((46.0, 120.0), (30.0, 80.0)), 10**9, 2**34).dtype == "bfloat16"
+    # faster at batch but slower single-stream: f32 (interactive latency matters and f32 is exact)
+    assert cpu_probe.decide(_seconds((50.0, 250.0), (60.0, 150.0)), 10**9, 2**34).dtype == "float32"
+    # a near tie goes to f32
+    assert cpu_probe.decide(_seconds((50.0, 250.0), (49.0, 245.0)), 10**9, 2**34).dtype == "float32"
+    # f32 weights that would not fit in memory: bf16 whatever the speed, and the reason says so
+    choice = cpu_probe.decide(_seconds((50.9, 249.5), (71.2, 257.7)), 10 * 2**30, 16 * 2**30)
+    assert choice.dtype == "bfloat16" and "memory" in choice.reason
+
+
+def test_choice_is_measured_once_per_machine_and_shape(tmp_path):
+    calls = []
+
+    def fake_measure(shapes, num_layers):
+        calls.append((tuple(sorted(shapes.items())), num_layers))
+        return _seconds((1.0, 2.0), (0.5, 1.0))
+
+    first = cpu_probe.choose_weight_dtype(SMALL, cache_dir=str(tmp_path), measure=fake_measure)
+    again = cpu_probe.choose_weight_dtype(SMALL, cache_dir=str(tmp_path), measure=fake_measure)
+    assert (first.dtype, first.cached, again.dtype, again.cached) == ("bfloat16", False, "bfloat16", True)
+    assert len(calls) == 1
+    wider = ModelConfig(**{**SMALL.__dict__, "intermediate_size": 128})
+    cpu_probe.choose_weight_dtype(wider, cache_dir=str(tmp_path), measure=fake_measure)
+    assert len(calls) == 2 and dict(calls[1][0])["w_down"] == (128, 32)
+
+
+def test_real_measurement_times_both_dtypes():
+    seconds = cpu_probe.measure_weight_dtypes(cpu_probe.layer_matmul_shapes(SMALL), SMALL.num_layers, runs=2)
+    assert set(seconds) == {"float32", "bfloat16"}
+    assert all(set(v) == set(cpu_probe.PROBE_ROWS) and min(v.values()) > 0 for v in seconds.values())
+
+
+@pytest.mark.parametrize("override", [None, "float32", "bfloat16"])
+def test_engine_uses_the_choice_unless_overridden(monkeypatch, override):
+    from jaxinfer.engine import EngineArgs, LLMEngine
+
+    measured = []
+    monkeypatch.setattr(cpu_probe, "choose_weight_dtype",
+                        lambda config: measured.append(config) or cpu_probe.DtypeChoice("float32", "test"))
+    engine = LLMEngine(EngineArgs(model="random:smollm2-135m", weight_dtype=override, num_kv_blocks=64,
+                                  max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, verbose=False))
+    assert engine.runner.params["layers_0"]["wq"].dtype == jnp.dtype(override or "float32")
+    assert len(measured) == (0 if override else 1)
