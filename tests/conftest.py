@@ -38,6 +38,14 @@ def smollm(gguf_path):
 
 
 @pytest.fixture(scope="session")
+def hf_gguf_tokenizer(gguf_path):
+    """transformers' own tokenizer of the default GGUF (its GGUF reader needs torch): the tokenizer oracle."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(gguf_path):
     from jaxinfer.tokenizer import load_tokenizer
 

@@ -8,7 +8,7 @@ import os
 
 import gguf
 import pytest
-from tokenizers import Regex, Tokenizer as RawTokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers, trainers
 
 from conftest import shared_data_path
 from jaxinfer.gguf_tokenizer import GGUFTokenizerError, load_gguf_tokenizer
@@ -94,58 +94,53 @@ def _invalid_utf8_sequences(ref, normal_ids: list[int]) -> list[list[int]]:
 
 # ------------------------------------------------------------------ the default model's file (byte-level, "smollm")
 
-@pytest.fixture(scope="module")
-def smol_ref(gguf_path):
-    return _hf_gguf_tokenizer(gguf_path)
-
-
-def test_wikitext_ids_and_decodes_match_hf(tokenizer, smol_ref):
+def test_wikitext_ids_and_decodes_match_hf(tokenizer, hf_gguf_tokenizer):
+    ref = hf_gguf_tokenizer
     lines = _wikitext_lines()
     if lines is None:
         pytest.skip("WikiText-2 test split not found under ../shared/data")
-    _assert_same_ids_and_decodes(tokenizer.hf, smol_ref, lines, bulk=True)
+    _assert_same_ids_and_decodes(tokenizer.hf, ref, lines, bulk=True)
     document = "\n".join(lines[:400])  # one long text: context across lines
     ids = tokenizer.encode(document)
-    assert ids == smol_ref.encode(document) and len(ids) > 20_000
-    assert tokenizer.decode(ids) == smol_ref.decode(ids) == document  # byte-level BPE round-trips exactly
+    assert ids == ref.encode(document) and len(ids) > 20_000
+    assert tokenizer.decode(ids) == ref.decode(ids) == document  # byte-level BPE round-trips exactly
 
 
-def test_chat_templates_match_hf(tokenizer, smol_ref):
-    assert tokenizer.chat_template == smol_ref.chat_template and "<|im_start|>" in tokenizer.chat_template
+def test_chat_templates_match_hf(tokenizer, hf_gguf_tokenizer):
+    ref = hf_gguf_tokenizer
+    assert tokenizer.chat_template == ref.chat_template and "<|im_start|>" in tokenizer.chat_template
     for messages in CONVERSATIONS:
         for add_generation_prompt in (True, False):
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-            assert ids == smol_ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                       tokenize=True, return_dict=False)
+            assert ids == ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=True, return_dict=False)
     ids = tokenizer.apply_chat_template(CONVERSATIONS[0])
     assert ids[0] == 1 and ids[-4:] == tokenizer.encode("<|im_start|>assistant\n")  # <|im_start|> is id 1 in the file
 
 
-def test_special_tokens_match_hf(tokenizer, smol_ref):
-    _assert_same_ids_and_decodes(tokenizer.hf, smol_ref, SPECIAL_TEXTS)
+def test_special_tokens_match_hf(tokenizer, hf_gguf_tokenizer):
+    ref = hf_gguf_tokenizer
+    _assert_same_ids_and_decodes(tokenizer.hf, ref, SPECIAL_TEXTS)
     ids = tokenizer.encode(SPECIAL_TEXTS[1])
     assert [i for i in ids if i < 3] == [0, 2, 2]  # <|endoftext|>, <|im_end|> x2 kept whole (ids from the file)
     assert tokenizer.decode(ids, skip_special_tokens=True) == "textmore text x"
-    assert tokenizer.bos_token_id == smol_ref.bos_token_id == 1 and tokenizer.eos_token_ids == {2}
-    assert tokenizer.vocab_size == len(smol_ref) == 49152
+    assert tokenizer.bos_token_id == ref.bos_token_id == 1 and tokenizer.eos_token_ids == {2}
+    assert tokenizer.vocab_size == len(ref) == 49152
 
 
-def test_odd_unicode_matches_hf(tokenizer, smol_ref):
-    _assert_same_ids_and_decodes(tokenizer.hf, smol_ref, ODD_TEXTS)
+def test_odd_unicode_matches_hf(tokenizer, hf_gguf_tokenizer):
+    ref = hf_gguf_tokenizer
+    _assert_same_ids_and_decodes(tokenizer.hf, ref, ODD_TEXTS)
     for text in ODD_TEXTS:
         assert tokenizer.decode(tokenizer.encode(text)) == text
-    for ids in _invalid_utf8_sequences(smol_ref, tokenizer.encode(" ok")):
+    for ids in _invalid_utf8_sequences(ref, tokenizer.encode(" ok")):
         for skip in (True, False):
-            assert tokenizer.decode(ids, skip_special_tokens=skip) == smol_ref.decode(ids, skip_special_tokens=skip)
+            assert tokenizer.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
         assert "\ufffd" in tokenizer.decode(ids)
 
 
 # ------------------------------------------------------------------ synthetic GGUF files of the other kinds
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 LLAMA3_CHAT = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -211,36 +206,34 @@ def _sentencepiece_files(tmp) -> dict[str, str]:
     types = head_types + [1] * len(learned["tokens"])
     scores = [0.0] * len(head) + [-float(i) for i in range(len(learned["tokens"]))]
     common = dict(model="llama", scores=scores, bos=1, eos=2, unk=0)
+    tied = [0.0] * len(head) + [-float(i // 100) for i in range(len(learned["tokens"]))]
     return {
         # no merges in the file (as converted Llama 2 / TinyLlama files): recovered from the scores; no add_bos key
         "llama-spm": _write_gguf(os.path.join(tmp, "spm.gguf"), tokens, types, **common, template=LLAMA2_CHAT),
+        # scores tied in groups of 100: the recovered merges' order then rests on the tie-breaks
+        "llama-spm-tied": _write_gguf(os.path.join(tmp, "spm_tied.gguf"), tokens, types,
+                                      **dict(common, scores=tied)),
         "llama-spm-merges": _write_gguf(os.path.join(tmp, "spm_merges.gguf"), tokens, types, **common,
                                         merges=learned["merges"], add_bos=False, add_eos=True, template=CHATML),
     }
 
 
 def _byte_level_files(tmp) -> dict[str, str]:
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    """One byte-level vocabulary (trained with GPT-2's split, so it has multi-digit and cross-class merges) under
+    three `tokenizer.ggml.pre` names, each with its family's specials; the splits then give different ids."""
+    learned = _train(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    n = len(learned["tokens"])
+    llama3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    qwen = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     files = {}
-    for pre, split, specials, template in (
-            ("llama-bpe", LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                                         "<|end_header_id|>", "<|eot_id|>"], LLAMA3_CHAT),
-            ("qwen2", QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML)):
-        learned = _train(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
-                         initial_alphabet=alphabet)
-        n = len(learned["tokens"])
-        tokens = learned["tokens"] + specials + ["<think>"]
-        types = [1] * n + [3] * len(specials) + [4]
-        if pre == "llama-bpe":
-            ids = dict(bos=n, eos=n + 1, eot=n + 4, add_bos=True)
-        else:
-            ids = dict(bos=n, eos=n + 2, pad=n)
-        files[pre] = _write_gguf(os.path.join(tmp, f"{pre}.gguf"), tokens, types, model="gpt2", pre=pre,
+    for pre, specials, template, ids in (
+            ("llama-bpe", llama3, LLAMA3_CHAT, dict(bos=n, eos=n + 1, eot=n + 4, add_bos=True)),
+            ("qwen2", qwen, CHATML, dict(bos=n, eos=n + 2, pad=n)),
+            ("gpt2", llama3, None, dict(bos=n, eos=n + 1))):
+        files[pre] = _write_gguf(os.path.join(tmp, f"{pre}.gguf"), learned["tokens"] + specials + ["<think>"],
+                                 [1] * n + [3] * len(specials) + [4], model="gpt2", pre=pre,
                                  merges=learned["merges"], template=template, **ids)
-        if pre == "llama-bpe":  # the same vocabulary under GPT-2's split
-            files["gpt2"] = _write_gguf(os.path.join(tmp, "gpt2.gguf"), tokens, types, model="gpt2", pre="gpt2",
-                                        merges=learned["merges"], bos=n, eos=n + 1)
     return files
 
 
@@ -256,7 +249,7 @@ def synthetic(tmp_path_factory):
     return {kind: (path, load_tokenizer(path), _hf_gguf_tokenizer(path)) for kind, path in files.items()}
 
 
-KINDS = ["llama-spm", "llama-spm-merges", "llama-bpe", "qwen2", "gpt2"]
+KINDS = ["llama-spm", "llama-spm-tied", "llama-spm-merges", "llama-bpe", "qwen2", "gpt2"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -279,6 +272,15 @@ def test_synthetic_kind_matches_hf(synthetic, kind):
     for ids in _invalid_utf8_sequences(ref, ours.encode(" ok", add_special_tokens=False)):
         for skip in (True, False):
             assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+
+
+def test_synthetic_kinds_are_told_apart(synthetic):
+    """The comparisons above have power: files that differ only in `tokenizer.ggml.pre` (or in their scores) do
+    tokenize the same text differently, so a wrong split regex (or merge order) would not go unnoticed."""
+    texts = (_wikitext_lines(n=500) or []) + ODD_TEXTS
+    ids = {kind: [synthetic[kind][1].encode(t, add_special_tokens=False) for t in texts] for kind in KINDS}
+    for a, b in (("llama-bpe", "qwen2"), ("llama-bpe", "gpt2"), ("qwen2", "gpt2"), ("llama-spm", "llama-spm-tied")):
+        assert ids[a] != ids[b], (a, b)
 
 
 def test_synthetic_flags_as_the_file_says(synthetic):
