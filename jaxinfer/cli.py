@@ -1,4 +1,4 @@
-"""`jaxinfer` command line: generate, chat, bench throughput, convert."""
+"""`jaxinfer` command line: generate, chat, bench throughput, convert, plan, profile."""
 from __future__ import annotations
 
 import argparse
@@ -165,6 +165,9 @@ def main(argv=None) -> None:
     v.add_argument("dst")
     v.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     v.set_defaults(fn=cmd_convert)
+
+    from jaxinfer.planner.cli import add_plan_args, add_profile_args
+    add_plan_args(sub), add_profile_args(sub)
 
     args = parser.parse_args(argv)
     try:

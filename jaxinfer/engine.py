@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 from jaxinfer import sampler
 from jaxinfer.attention import default_attention_backend
 from jaxinfer.batch import SeqChunk
+from jaxinfer.kv_budget import kv_budget_bytes, num_kv_blocks, resolve_max_model_len
 from jaxinfer.loaders import load_params, open_checkpoint
 from jaxinfer.model_runner import ModelRunner, StepHandle, enable_compilation_cache
 from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -110,8 +110,7 @@ class LLMEngine:
         tokenizer_source = args.tokenizer or (None if path.startswith("random:") else path)  # random weights: none
         self.tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
         self.eos_token_ids = set(self.config.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
-        self.max_model_len = min(args.max_model_len or min(self.config.max_position_embeddings, 2048),
-                                 self.config.max_position_embeddings)
+        self.max_model_len = resolve_max_model_len(self.config.max_position_embeddings, args.max_model_len)
         num_blocks = self._num_kv_blocks(kv_dtype, params)
         if args.verbose:
             gib = num_blocks * args.block_size * self.config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize) / 2**30
@@ -153,16 +152,8 @@ class LLMEngine:
         if a.num_kv_blocks:
             return a.num_kv_blocks
         bytes_per_block = a.block_size * self.config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize)
-        if a.kv_cache_memory_gb is not None:
-            budget = a.kv_cache_memory_gb * 2**30
-        else:
-            stats = jax.devices()[0].memory_stats() or {}
-            if "bytes_limit" in stats:  # GPU/TPU: a fraction of what the weights leave free
-                budget = (stats["bytes_limit"] * a.kv_cache_memory_fraction - stats.get("bytes_in_use", 0))
-            else:
-                budget = 2 * 2**30
-        need = math.ceil(self.max_model_len / a.block_size)
-        return max(int(budget // bytes_per_block), need)
+        budget = kv_budget_bytes(a.kv_cache_memory_gb, a.kv_cache_memory_fraction, jax.devices()[0].memory_stats())
+        return num_kv_blocks(budget, bytes_per_block, self.max_model_len, a.block_size)
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int] | None, params: SamplingParams | None = None,
