@@ -107,7 +107,7 @@ def test_abort_and_stop_with_a_step_in_flight_leave_no_blocks(llm, tokenizer):
     outputs = {}
     for _ in range(4):
         outputs.update((o.request_id, o) for o in engine.step())
-    assert engine._inflight is not None  # the abort below lands while a step is on the device
+    assert engine.core.step_in_flight  # the abort below lands while a step is on the device
     engine.abort_request(drop)
     while engine.has_unfinished_requests():
         outputs.update((o.request_id, o) for o in engine.step())
