@@ -1,5 +1,6 @@
 """Inter-token latency of many concurrent streams through AsyncEngine (client side: one asyncio loop, all requests
-sent at once), and the engine thread's step rate, for a given jaxinfer source tree.
+sent at once), the engine thread's step rate, and the CPU time the engine thread and the caller's thread (the
+asyncio loop) spend per step, for a given jaxinfer source tree.
 
     python benchmarks/streams.py                              # this checkout's jaxinfer
     python benchmarks/streams.py --jaxinfer-src /work/main    # another checkout's (e.g. before a change)
@@ -17,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,9 +38,18 @@ async def _stream(engine, prompt, params) -> StreamTiming:
     return StreamTiming(start, tuple(times), tuple(tokens))
 
 
-def run_once(engine, workload, sampling_params_cls) -> tuple[list[StreamTiming], float, int]:
+def thread_cpu_seconds(native_id: int) -> float:
+    """CPU time a thread of this process has used (Linux schedstat), readable from any thread. Unlike wall time
+    it hardly moves with the machine's load, so it shows where the host work runs."""
+    with open(f"/proc/self/task/{native_id}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def run_once(engine, workload, sampling_params_cls) -> dict:
     params = [sampling_params_cls(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
     steps_before = engine.metrics()["num_steps"]
+    threads = {"engine": engine._thread.native_id, "caller": threading.get_native_id()}
+    cpu_before = {k: thread_cpu_seconds(t) for k, t in threads.items()}
 
     async def main():
         return await asyncio.gather(*(_stream(engine, p, sp) for p, sp in zip(workload.prompts, params)))
@@ -47,10 +58,19 @@ def run_once(engine, workload, sampling_params_cls) -> tuple[list[StreamTiming],
     timings = asyncio.run(main())
     wall = time.perf_counter() - start
     steps = engine.metrics()["num_steps"] - steps_before
+    cpu = {k: thread_cpu_seconds(t) - cpu_before[k] for k, t in threads.items()}
     wrong = [t.num_tokens for t, n in zip(timings, workload.output_lens) if t.num_tokens != n]
     if wrong:
         raise RuntimeError(f"{len(wrong)} streams returned the wrong number of tokens")
-    return timings, wall, steps
+    s = summarize_streams(timings)
+    return dict(wall_s=wall, steps=steps, step_ms=1000 * wall / steps,
+                output_tok_s=workload.num_output_tokens / wall,
+                itl_p50_ms=1000 * s["itl"]["p50"], itl_p90_ms=1000 * s["itl"]["p90"],
+                itl_p99_ms=1000 * s["itl"]["p99"], tpot_ms=1000 * s["tpot"]["p50"],
+                ttft_p50_ms=1000 * s["ttft"]["p50"],
+                engine_thread_cpu_ms_per_step=1000 * cpu["engine"] / steps,
+                caller_thread_cpu_ms_per_step=1000 * cpu["caller"] / steps,
+                multi_token_chunks=sum(n > 1 for t in timings for n in t.chunk_tokens))
 
 
 def main() -> None:
@@ -63,7 +83,11 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs (medians reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of markdown")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="sys.setswitchinterval (seconds) for the run; Python's default is 0.005")
     a = p.parse_args()
+    if a.switch_interval is not None:
+        sys.setswitchinterval(a.switch_interval)
     if a.jaxinfer_src:
         sys.path.insert(0, os.path.abspath(a.jaxinfer_src))  # after `benchmarks` was imported from this tree
 
@@ -80,20 +104,11 @@ def main() -> None:
     engine = AsyncEngine(model="smollm2-135m", max_num_seqs=a.streams, enable_prefix_caching=False, verbose=False)
     try:
         run_once(engine, workload, SamplingParams)  # compiles the buckets these steps use
-        rows = []
-        for _ in range(a.runs):
-            timings, wall, steps = run_once(engine, workload, SamplingParams)
-            s = summarize_streams(timings)
-            rows.append(dict(wall_s=wall, steps=steps, step_ms=1000 * wall / steps,
-                             output_tok_s=workload.num_output_tokens / wall,
-                             itl_p50_ms=1000 * s["itl"]["p50"], itl_p90_ms=1000 * s["itl"]["p90"],
-                             itl_p99_ms=1000 * s["itl"]["p99"], tpot_ms=1000 * s["tpot"]["p50"],
-                             ttft_p50_ms=1000 * s["ttft"]["p50"],
-                             multi_token_chunks=sum(n > 1 for t in timings for n in t.chunk_tokens)))
+        rows = [run_once(engine, workload, SamplingParams) for _ in range(a.runs)]
     finally:
         engine.shutdown()
     median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    info = dict(label=label, jaxinfer_src=src, device=jax.devices()[0].device_kind, cores=len(os.sched_getaffinity(0)),
+    info = dict(label=label, jaxinfer_src=src, switch_interval=sys.getswitchinterval(), device=jax.devices()[0].device_kind, cores=len(os.sched_getaffinity(0)),
                 workload=workload.summary(), load_average=os.getloadavg()[0], runs=rows, median=median)
     if a.json:
         print(json.dumps(info))

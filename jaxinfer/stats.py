@@ -133,7 +133,8 @@ class EngineStats:
         live = self._live.get(request_id)
         if live is not None:
             return live
-        return next((t for t in reversed(self._finished) if t.request_id == request_id), None)
+        finished = list(self._finished)  # one atomic copy: the engine thread may be appending
+        return next((t for t in reversed(finished) if t.request_id == request_id), None)
 
     def pop_finished(self) -> list[RequestTimings]:
         """Finished requests' timings since the last call (at most `keep_finished` of them), oldest first."""
