@@ -58,17 +58,19 @@ def test_async_and_sync_scheduling_give_the_same_outputs(llm, sync_llm, tokenize
         assert m["used_blocks"] == 0 and m["num_running"] == 0 and m["num_waiting"] == 0
 
 
-def _record_launches_and_fetches(runner, monkeypatch) -> list[tuple[str, int]]:
-    events: list[tuple[str, int]] = []
+def _record_launches_and_fetches(runner, monkeypatch) -> list[tuple[str, object]]:
+    # The handles themselves are kept (not their id()s): a freed handle's id can be reused by a later one, which
+    # would mix up whose launch and fetch are whose.
+    events: list[tuple[str, object]] = []
     launch, fetch = runner.launch, runner.fetch
 
     def recording_launch(*args, **kwargs):
         handle = launch(*args, **kwargs)
-        events.append(("launch", id(handle)))
+        events.append(("launch", handle))
         return handle
 
     def recording_fetch(handle):
-        events.append(("fetch", id(handle)))
+        events.append(("fetch", handle))
         return fetch(handle)
 
     monkeypatch.setattr(runner, "launch", recording_launch)
@@ -79,8 +81,8 @@ def _record_launches_and_fetches(runner, monkeypatch) -> list[tuple[str, int]]:
 def _launched_before_previous_was_read(events) -> list[bool]:
     """For each launch after the first: was it issued before the previous launch's results were fetched?"""
     handles = [h for kind, h in events if kind == "launch"]
-    position = {(kind, h): i for i, (kind, h) in enumerate(events)}
-    return [position[("launch", nxt)] < position[("fetch", prev)] for prev, nxt in zip(handles, handles[1:])]
+    position = {(kind, id(h)): i for i, (kind, h) in enumerate(events)}  # every handle is alive: ids are unique
+    return [position[("launch", id(nxt))] < position[("fetch", id(prev))] for prev, nxt in zip(handles, handles[1:])]
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])  # penalties count the in-flight token on device
