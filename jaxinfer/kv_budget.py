@@ -1,4 +1,4 @@
-"""How many KV blocks the engine allocates: one formula, called by the engine (engine.py) and the planner
+"""How many KV blocks the engine allocates: one formula, called by the engine core (engine_core.py) and the planner
 (jaxinfer.planner), so a plan's KV figures are the engine's.
 
 The budget is, in order: `kv_cache_memory_gb` when given (GiB); on a device whose allocator reports a limit
