@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import sampler
+from jaxinfer import distributed, sampler
 from jaxinfer.attention import default_attention_backend
 from jaxinfer.batch import SeqChunk
 from jaxinfer.loaders import load_params, open_checkpoint
@@ -31,6 +31,7 @@ from jaxinfer.registry import DEFAULT_MODEL
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxinfer.sequence import PENDING_TOKEN, Sequence, SequenceStatus
+from jaxinfer.sharding import ShardingPlan, make_mesh
 from jaxinfer.tokenizer import OutputDetokenizer, load_tokenizer
 
 _NO_SAMPLE = SamplingParams(temperature=0.0)  # rows of prefill chunks that don't sample yet
@@ -64,6 +65,13 @@ class EngineArgs:
     compilation_cache_dir: str | None = None
     max_waiting_requests: int = 4096
     verbose: bool = True
+    # Scale-out (docs/PARALLELISM.md): a (pipe, tensor) mesh over tp * pp devices, of one or several processes.
+    tensor_parallel_size: int = 1         # Megatron tensor parallelism: heads, MLP and vocabulary split
+    pipeline_parallel_size: int = 1       # contiguous layer stages
+    pipeline_microbatches: int | None = None  # micro-batches per step with stages; None: one per stage
+    coordinator_address: str | None = None  # multi-host: host:port of process 0 (jax.distributed)
+    num_processes: int = 1
+    process_id: int = 0                   # process 0 schedules; the others follow its steps
 
 
 @dataclasses.dataclass
@@ -92,37 +100,55 @@ class LLMEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs):
         args = dataclasses.replace(args or EngineArgs(), **kwargs)
         self.args = args
+        # Before anything touches a device: a multi-process run joins jax.distributed first.
+        channel = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        self.is_follower = channel is not None and not channel.is_leader
         enable_compilation_cache(args.compilation_cache_dir)
         backend = jax.default_backend()
         dtype = _DTYPES[args.dtype or ("float32" if backend == "cpu" else "bfloat16")]
         kv_dtype = _DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else dtype
         checkpoint = open_checkpoint(args.model)
         self.config = checkpoint.config
-        weight_dtype = _DTYPES[args.weight_dtype or self._default_weight_dtype(backend)]
+        weight_dtype = args.weight_dtype or (None if self.is_follower else self._default_weight_dtype(backend))
+        weight_dtype = _DTYPES[channel.agree(weight_dtype) if channel else weight_dtype]  # process 0's choice
         # The embedding and LM head are kept at the activation precision when it is wider than the weights'
         # (f32 with bf16 weights, the CPU default): `layers.linear` rounds its input to the weight dtype, and at
         # the LM head, and with tied embeddings at the lookup, bf16 flips close calls between the top tokens
         # (SmolLM2-135M then answers "What is the capital of France?" with "L'Étoile, la Marseillaise, ..." where
         # HF fp32 says "The capital of France is Paris."). It is one matrix, 0.06 GiB more for SmolLM2.
         head_dtype = max(weight_dtype, dtype, key=lambda d: jnp.dtype(d).itemsize)
-        params = load_params(checkpoint, weight_dtype, head_dtype=head_dtype, verbose=args.verbose)
+        plan = None
+        if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+            plan = ShardingPlan(self.config, make_mesh(args.tensor_parallel_size, args.pipeline_parallel_size))
+            if args.verbose:
+                print(f"[jaxinfer] {plan.describe()}", flush=True)
+        params = load_params(checkpoint, weight_dtype, head_dtype=head_dtype, verbose=args.verbose,
+                             place=plan.place if plan else None)
+        params = plan.finish(params) if plan else params
         path = checkpoint.path
         tokenizer_source = args.tokenizer or (None if path.startswith("random:") else path)  # random weights: none
         self.tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
         self.eos_token_ids = set(self.config.eos_token_ids) | (self.tokenizer.eos_token_ids if self.tokenizer else set())
         self.max_model_len = min(args.max_model_len or min(self.config.max_position_embeddings, 2048),
                                  self.config.max_position_embeddings)
-        num_blocks = self._num_kv_blocks(kv_dtype, params)
+        block_bytes = (plan.kv_bytes_per_block(args.block_size, jnp.dtype(kv_dtype).itemsize) if plan else
+                       args.block_size * self.config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize))
+        num_blocks = self._num_kv_blocks(block_bytes, plan.mesh.devices.flat if plan else jax.devices()[:1], channel)
         if args.verbose:
-            gib = num_blocks * args.block_size * self.config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize) / 2**30
+            where = f"per device, {plan.mesh.size} devices" if plan else f"on {backend}"
             print(f"[jaxinfer] KV cache: {num_blocks} blocks x {args.block_size} tokens = "
-                  f"{num_blocks * args.block_size} tokens, {gib:.2f} GiB ({jnp.dtype(kv_dtype).name}) on {backend}",
-                  flush=True)
+                  f"{num_blocks * args.block_size} tokens, {num_blocks * block_bytes / 2**30:.2f} GiB "
+                  f"({jnp.dtype(kv_dtype).name}) {where}", flush=True)
         self.runner = ModelRunner(
             self.config, params, num_blocks=num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len, kv_dtype=kv_dtype,
             attention_backend=args.attention_backend or default_attention_backend(),
-            matmul_backend=args.matmul_backend or "xla", dtype=dtype)
+            matmul_backend=args.matmul_backend or "xla", dtype=dtype, plan=plan,
+            num_microbatches=args.pipeline_microbatches, channel=channel)
+        if channel is not None:
+            channel.release_at_exit(self.runner)
+        if self.is_follower:  # make process 0's device calls until it exits; this engine takes no requests
+            self.runner.follow()
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len,
@@ -148,19 +174,24 @@ class LLMEngine:
                   f"{' (cached measurement)' if choice.cached else ''}; weight_dtype= overrides", flush=True)
         return choice.dtype
 
-    def _num_kv_blocks(self, kv_dtype, params) -> int:
+    def _num_kv_blocks(self, bytes_per_block: int, devices, channel) -> int:
+        """Blocks that fit every device's budget (bytes_per_block: one block's KV bytes on each device). The
+        pool is global: each device holds every block, for its own layers and KV heads."""
         a = self.args
         if a.num_kv_blocks:
             return a.num_kv_blocks
-        bytes_per_block = a.block_size * self.config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize)
+        devices = list(devices)
         if a.kv_cache_memory_gb is not None:
-            budget = a.kv_cache_memory_gb * 2**30
+            budget = a.kv_cache_memory_gb * 2**30  # per device
         else:
-            stats = jax.devices()[0].memory_stats() or {}
-            if "bytes_limit" in stats:  # GPU/TPU: a fraction of what the weights leave free
-                budget = (stats["bytes_limit"] * a.kv_cache_memory_fraction - stats.get("bytes_in_use", 0))
-            else:
-                budget = 2 * 2**30
+            local = [d for d in devices if d.process_index == jax.process_index()]
+            stats = [d.memory_stats() or {} for d in local]
+            if all("bytes_limit" in st for st in stats):  # GPU/TPU: a fraction of what the weights leave free
+                budget = min(st["bytes_limit"] * a.kv_cache_memory_fraction - st.get("bytes_in_use", 0)
+                             for st in stats)
+            else:  # CPU: 2 GiB for the whole cache; its devices share the host's memory
+                budget = 2 * 2**30 / len(devices)
+        budget = channel.min(budget) if channel else budget
         need = math.ceil(self.max_model_len / a.block_size)
         return max(int(budget // bytes_per_block), need)
 
@@ -169,6 +200,9 @@ class LLMEngine:
                     request_id: str | None = None, prompt_token_ids: list[int] | None = None) -> str:
         """Validate and queue a request. Raises ValueError (bad input) or QueueFullError before anything is
         queued, so a rejected request never disturbs the others."""
+        if self.is_follower:
+            raise RuntimeError(f"process {self.args.process_id} follows process 0's steps; send requests to "
+                               "process 0")
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
