@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxinfer import sampler
 from jaxinfer.attention import DEFAULT_CHUNK_BLOCKS, keys_transposed
@@ -111,9 +111,14 @@ class ModelRunner:
         # Forward and sampler are separate jits: the forward compiles once per token bucket whatever sampling
         # options are in the batch; the sampler's variants are small and compile in a fraction of the time.
         self._forward = jax.jit(self._spmd(self._forward_impl), donate_argnums=(1,))
-        self._sample = jax.jit(self._sample_impl, static_argnames=("flags", "eos_token_ids"))
+        # On a mesh the sampled ids come out replicated, and the "no previous step" ids are placed alike, so both
+        # kinds of step input hit the same compiled forward (device_put of host data is valid in multi-process).
+        replicated = NamedSharding(plan.mesh, P()) if plan else None
+        self._sample = jax.jit(self._sample_impl, static_argnames=("flags", "eos_token_ids"),
+                               out_shardings=replicated)
         self.max_rows = self.num_microbatches * self.num_rows(self.buckets[-1])
-        self._no_prev_tokens = jnp.zeros(self.max_rows, jnp.int32)
+        self._no_prev_tokens = (jax.device_put(np.zeros(self.max_rows, np.int32), replicated) if plan
+                                else jnp.zeros(self.max_rows, jnp.int32))
         self._copy = jax.jit(self._spmd(partial(_copy_blocks, block_axis=2 if self.pp > 1 else 1), copy=True),
                              donate_argnums=(0,))
 

@@ -211,7 +211,7 @@ class ShardingPlan:
             sharding, host = NamedSharding(self.mesh, pspec), arr
         else:
             sharding, host = NamedSharding(self._stage_mesh(stage), P(None, *pspec)), arr[None]
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index], dtype=host.dtype)
 
     def _place_quantized(self, spec: ParamSpec, w: QuantizedWeight):
         """Packed leaves shard along the weight's own logical axes: codes [K(/8), N], scales and offsets
@@ -294,13 +294,14 @@ class ShardingPlan:
             shape = (self.pp, *leaf.shape[1:])
             by_device = {shard.device: shard.data for stage in per_stage for shard in stage[i].addressable_shards}
             arrays = [by_device[d] for d in sharding.addressable_devices_indices_map(shape)]
-            stacked.append(jax.make_array_from_single_device_arrays(shape, sharding, arrays))
+            stacked.append(jax.make_array_from_single_device_arrays(shape, sharding, arrays, dtype=leaf.dtype))
         return jax.tree_util.tree_unflatten(treedef, stacked)
 
     def _zeros_on_stage(self, like: jax.Array, stage: int):
         sharding = NamedSharding(self._stage_mesh(stage), like.sharding.spec)
         return jax.make_array_from_callback(
-            like.shape, sharding, lambda index: np.zeros(_sliced_shape(like.shape, index), like.dtype))
+            like.shape, sharding, lambda index: np.zeros(_sliced_shape(like.shape, index), like.dtype),
+            dtype=like.dtype)
 
     def shard_params(self, params: dict) -> dict:
         """Lay out a weight pytree that is already in memory (random or quantized weights in tests, or weights
