@@ -41,3 +41,20 @@ def test_sharded_engine_gives_the_one_device_engines_outputs(llm, checkpoint_dir
     sharded = llm.generate(prompts, params)
     one_device = LLM(checkpoint_dir, **SMALL_ENGINE).generate(prompts, params)
     assert [o.token_ids for o in sharded] == [o.token_ids for o in one_device]
+
+
+def test_kv_budget_is_per_device(checkpoint_dir):
+    """kv_cache_memory_gb is each device's budget: at TP=2 a block costs 2 of SmolLM2's 3 KV heads per device, so
+    the pool holds 1.5x the blocks one device would, and no device holds more KV than its budget."""
+    from jaxinfer.sharding import per_device_bytes
+
+    budget = 0.01
+    engine = LLM(checkpoint_dir, tensor_parallel_size=2, **{**SMALL_ENGINE, "num_kv_blocks": None,
+                                                             "kv_cache_memory_gb": budget}).engine
+    runner = engine.runner
+    per_block = runner.plan.kv_bytes_per_block(runner.block_size, 4)
+    assert runner.num_blocks == int(budget * 2**30 // per_block)
+    whole_block = runner.block_size * engine.config.kv_bytes_per_token(4)
+    assert per_block * 3 == whole_block * 2
+    held = per_device_bytes(runner.kv_cache)
+    assert len(held) == 2 and max(held.values()) <= budget * 2**30
