@@ -183,10 +183,6 @@ class ShardingPlan:
         heads = self._entry(KV_HEADS)
         return P(self._entry(STAGE), heads, None, None, None) if self.pp > 1 else P(heads, None, None, None)
 
-    def stored_shape(self, spec: ParamSpec) -> tuple[int, ...]:
-        return tuple(len(self._index[a]) if self._index.get(a) is not None else n for a, n in zip(spec.axes,
-                                                                                                 spec.shape))
-
     # ---- placement
     def place(self, spec: ParamSpec, value):
         """Lay out one loaded tensor (host numpy in jaxinfer's layout, already in its dtype; or a QuantizedWeight
@@ -349,9 +345,11 @@ class ShardingPlan:
 
     def describe(self) -> str:
         h = self.heads
+        padded = f", {len(h.q_src) - self.config.num_heads} of them zero" if len(h.q_src) > self.config.num_heads \
+            else ""
         layout = "heads split evenly" if h.is_identity else (
             f"{self.config.num_heads} query / {self.config.num_kv_heads} KV heads laid out as {len(h.q_src)} "
-            f"query heads (zero-padded) over {len(h.kv_src)} KV slots (KV heads replicated)")
+            f"query heads{padded} over {len(h.kv_src)} KV slots (KV heads replicated)")
         stages = "" if self.pp == 1 else f", stages of {[len(r) for r in self.stages]} layers"
         return f"mesh pipe={self.pp} x tensor={self.tp}: {layout}{stages}"
 

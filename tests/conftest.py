@@ -13,6 +13,16 @@ if MULTIDEVICE:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 collect_ignore = [] if MULTIDEVICE else ["multidevice"]
 
+
+def pytest_collection_finish(session):
+    """Nothing imported during collection may have changed the device count of this process."""
+    import jax
+
+    want = 8 if MULTIDEVICE else 1
+    if jax.device_count() != want:
+        raise pytest.UsageError(f"this test process has {jax.device_count()} devices, expected {want}: something "
+                                "set XLA_FLAGS at import time")
+
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

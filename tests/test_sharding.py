@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
 from jaxinfer.batch import SeqChunk
+from jaxinfer.config import load_preset
+from jaxinfer.params import model_specs
 from jaxinfer.pipeline import build_pipeline_batch, split_microbatches
-from jaxinfer.sharding import ShardingError, _expand, _remap, head_layout, make_mesh, stage_layers
+from jaxinfer.sharding import (PIPE, TENSOR, ShardingError, ShardingPlan, _expand, _remap, head_layout, make_mesh,
+                               stage_layers)
 
 
 @settings(max_examples=200, deadline=None)
@@ -56,6 +61,30 @@ def test_padded_and_replicated_heads_give_the_same_attention(heads, kv_heads, tp
                            wv_s[:, i * kv_per:(i + 1) * kv_per], wo_s[i * q_per:(i + 1) * q_per],
                            q_per // hd, kv_per // hd, hd) for i in range(tp))
     np.testing.assert_allclose(total, _attention(x, wq, wk, wv, wo, heads, kv_heads, hd), rtol=1e-10, atol=1e-10)
+
+
+MEGATRON = {  # the layout by hand: column-parallel q/k/v/gate/up, row-parallel o/down, vocab over every device
+    "embed": P((PIPE, TENSOR), None), "lm_head": P(None, (PIPE, TENSOR)), "final_norm": P(None),
+    "attn_norm": P(None), "mlp_norm": P(None), "wq": P(None, TENSOR), "wk": P(None, TENSOR), "wv": P(None, TENSOR),
+    "wo": P(TENSOR, None), "w_gate": P(None, TENSOR), "w_up": P(None, TENSOR), "w_down": P(TENSOR, None)}
+
+
+def test_rules_give_every_parameter_its_megatron_spec():
+    config = load_preset("llama-3.1-8b")
+    plan = ShardingPlan(config, AbstractMesh((2, 8), (PIPE, TENSOR)))
+    for spec in model_specs(config):
+        assert plan.partition_spec(spec) == MEGATRON[spec.name], spec.key
+        layer = spec.path[0].startswith("layers_")
+        assert plan.stored_spec(spec) == (P(PIPE, *MEGATRON[spec.name]) if layer else MEGATRON[spec.name])
+    assert plan.kv_partition_spec() == P(PIPE, TENSOR, None, None, None)
+    assert (plan.local_config.num_heads, plan.local_config.num_kv_heads, plan.local_config.num_layers) == (4, 1, 16)
+
+
+def test_llama3_70b_at_tp16_replicates_each_kv_head_on_two_shards():
+    plan = ShardingPlan(load_preset("llama-3.1-70b"), AbstractMesh((1, 16), (PIPE, TENSOR)))
+    assert plan.heads.kv_src == tuple(h for h in range(8) for _ in range(2))
+    assert plan.heads.q_src == tuple(range(64))  # no zero heads: 4 query heads per shard, with their KV head
+    assert (plan.local_config.num_heads, plan.local_config.num_kv_heads) == (4, 1)
 
 
 def test_stage_layers_are_contiguous_and_balanced():
