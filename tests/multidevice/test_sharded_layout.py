@@ -129,11 +129,25 @@ def test_pipeline_step_passes_activations_point_to_point(llama_layout):
         "collective-permute": 1, "all-reduce": 2 + 2 * layers_per_stage}
 
 
-def test_block_copies_stay_local(llama_layout):
+def test_block_copies_stay_local_and_copy_every_layer(llama_layout):
+    """Copy-on-write on stacked, sharded pages ([pipe, kv slots, blocks, ...]): no communication, and exactly the
+    requested blocks change, in every layer of every stage (checked against numpy)."""
     config, params = llama_layout
     runner = _runner(config, params, 2, 2)
     src = dst = np.zeros(2, np.int32)
     assert _collectives(runner._copy.lower(runner.kv_cache, src, dst).compile().as_text()) == {}
+    rng = np.random.default_rng(0)
+    sharding = jax.sharding.NamedSharding(runner.plan.mesh, runner.plan.kv_partition_spec())
+    before = [tuple(rng.standard_normal(a.shape).astype(np.float32) for a in pair) for pair in runner.kv_cache]
+    runner.kv_cache = tuple(tuple(jax.device_put(a, sharding) for a in pair) for pair in before)
+    pairs = [(5, 0), (3, 1), (2, 4)]  # padded to four copies, which must not disturb block 0
+    runner.copy_blocks(pairs)
+    for old, new in zip(before, runner.kv_cache):
+        for a, b in zip(old, new):
+            expected = a.copy()
+            for s, d in pairs:
+                expected[:, :, d] = a[:, :, s]
+            np.testing.assert_array_equal(np.asarray(b), expected)
 
 
 # ---------------------------------------------------------------------------------------- quantized layouts
