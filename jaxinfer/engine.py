@@ -51,7 +51,7 @@ class EngineArgs:
     kv_cache_dtype: str | None = None     # None: same as dtype
     block_size: int = 16
     num_kv_blocks: int | None = None      # overrides the memory budget below
-    kv_cache_memory_gb: float | None = None  # default: 2 GiB on CPU, kv_cache_memory_fraction of free HBM
+    kv_cache_memory_gb: float | None = None  # per device; default: 2 GiB in all on CPU, else the fraction below
     kv_cache_memory_fraction: float = 0.9
     max_model_len: int | None = None      # default: min(model context, 2048)
     max_num_seqs: int = 128
