@@ -70,10 +70,13 @@ def enable_compilation_cache(path: str | None = None) -> str:
 
 @dataclasses.dataclass
 class StepHandle:
-    """A launched step: device arrays, possibly not computed yet."""
+    """A launched step: device arrays, possibly not computed yet, and what launching it cost the host."""
     sampled: sampler.SamplerOutput
     prompt_logprobs: tuple | None
     padded_token_ids: jax.Array  # [max rows] int32: the sampled ids, padded to one shape for the next step
+    num_tokens: int = 0  # the token bucket it runs at
+    build_s: float = 0.0  # host time building the batch and sampling tensors
+    dispatch_s: float = 0.0  # host time in the jitted calls (dispatch only: they return before the device ends)
 
 
 class ModelRunner:
@@ -194,6 +197,7 @@ class ModelRunner:
         request asked for prompt_logprobs. min_tokens pads the batch to at least that many token rows (static
         batching keeps finished rows as padding). previous: the step whose sampled ids chunks with a
         `pending_row` read."""
+        start = time.perf_counter()
         batch = self.prepare(chunks, min_tokens)
         tensors, flags = sampler.make_sampling_tensors(rows, batch.logits_indices.shape[0], self.config.vocab_size)
         targets = None
@@ -202,16 +206,18 @@ class ModelRunner:
             flat = [t for chunk_targets in prompt_targets for t in chunk_targets]
             targets[:len(flat)] = flat
         self._send("step", batch, tensors, flags, targets, previous is not None)
+        built = time.perf_counter()
         handle = self._step(batch, tensors, flags, targets, previous)
+        dispatched = time.perf_counter()
         for leaf in jax.tree_util.tree_leaves((handle.sampled, handle.prompt_logprobs)):
             leaf.copy_to_host_async()  # start the (small) copy back now, not when the host asks
-        return handle
+        return dataclasses.replace(handle, build_s=built - start, dispatch_s=dispatched - built)
 
     def _step(self, batch, tensors, flags, targets, previous: StepHandle | None) -> StepHandle:
         prev_tokens = previous.padded_token_ids if previous is not None else self._no_prev_tokens
         (logits, prompt_lp), self.kv_cache = self._forward(self.params, self.kv_cache, batch, targets, prev_tokens)
         out, padded = self._sample(logits, tensors, prev_tokens, flags=flags, eos_token_ids=self.eos_token_ids)
-        return StepHandle(out, prompt_lp, padded)
+        return StepHandle(out, prompt_lp, padded, batch.num_tokens)
 
     def _send(self, kind: str, *args) -> None:
         if self.channel is not None and self.channel.is_leader:

@@ -338,11 +338,6 @@ class ShardingPlan:
                        out_shardings=(sharding, sharding))
         return tuple(make() for _ in range(self.local_config.num_layers))
 
-    def kv_bytes_per_block(self, block_size: int, dtype_bytes: int) -> int:
-        """KV bytes one block costs on each device (its stage's layers, its shard's KV slots)."""
-        return 2 * self.local_config.num_layers * self.local_config.num_kv_heads * self.config.head_dim \
-            * block_size * dtype_bytes
-
     def describe(self) -> str:
         h = self.heads
         padded = f", {len(h.q_src) - self.config.num_heads} of them zero" if len(h.q_src) > self.config.num_heads \

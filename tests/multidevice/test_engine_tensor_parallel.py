@@ -52,9 +52,9 @@ def test_kv_budget_is_per_device(checkpoint_dir):
     engine = LLM(checkpoint_dir, tensor_parallel_size=2, **{**SMALL_ENGINE, "num_kv_blocks": None,
                                                              "kv_cache_memory_gb": budget}).engine
     runner = engine.runner
-    per_block = runner.plan.kv_bytes_per_block(runner.block_size, 4)
+    c = engine.config
+    per_block = 2 * c.num_layers * 2 * c.head_dim * runner.block_size * 4  # K and V, 2 KV slots, f32
     assert runner.num_blocks == int(budget * 2**30 // per_block)
-    whole_block = runner.block_size * engine.config.kv_bytes_per_token(4)
-    assert per_block * 3 == whole_block * 2
     held = per_device_bytes(runner.kv_cache)
-    assert len(held) == 2 and max(held.values()) <= budget * 2**30
+    assert list(held.values()) == [runner.num_blocks * per_block] * 2
+    assert max(held.values()) <= budget * 2**30
