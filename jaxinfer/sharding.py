@@ -25,7 +25,7 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.params import (EMBED, KV_HEADS, MLP, Q_HEADS, VOCAB, ParamSpec, iter_leaves, layer_specs,
@@ -122,7 +122,8 @@ class ShardingPlan:
     partition specs, placement of loaded tensors, the KV cache, and the shape of one shard (`local_config`),
     which is what the model sees inside `shard_map`."""
 
-    def __init__(self, config: ModelConfig, mesh: Mesh, rules: dict[str, tuple[str, ...]] = RULES):
+    def __init__(self, config: ModelConfig, mesh: Mesh | AbstractMesh, rules: dict[str, tuple[str, ...]] = RULES):
+        """mesh: the devices; an `AbstractMesh` (sizes only) gives the layout without devices (the planner)."""
         self.config, self.mesh, self.rules = config, mesh, dict(rules)
         self.pp, self.tp = mesh.shape[PIPE], mesh.shape[TENSOR]
         c, hd = config, config.head_dim
@@ -155,6 +156,17 @@ class ShardingPlan:
 
     def shards(self, logical: str) -> int:
         return math.prod(self.mesh.shape[a] for a in self.mesh_axes(logical))
+
+    def stored_size(self, logical: str | None, size: int) -> int:
+        """A dimension of `size` along a logical axis, as stored: query / KV heads padded or replicated by the
+        head layout, the vocabulary padded to the vocab shards. `size` may count rows of a packed weight (code
+        words, quantization groups) along that axis: they scale alike."""
+        index = self._index.get(logical) if logical else None
+        if index is None:
+            return size
+        c = self.config
+        whole = {Q_HEADS: c.num_heads * c.head_dim, KV_HEADS: c.num_kv_heads * c.head_dim, VOCAB: c.vocab_size}
+        return size * len(index) // whole[logical]
 
     def _entry(self, logical):
         axes = self.mesh_axes(logical)
