@@ -41,9 +41,10 @@ def test_planner_weight_bytes_per_device_equal_the_placed_shards(tp, pp, bits, t
         assert row == [per_stage[stage]] * tp, (stage, row, per_stage)
 
 
-def test_planner_equals_the_engine_arrays_at_tp2_pp2(tmp_path):
+def test_planner_and_profiler_equal_the_engine_arrays_at_tp2_pp2(tmp_path):
     """A whole engine on a (2, 2) mesh: every device's weights and KV pages, and the block count from the
-    per-device budget, are the plan's."""
+    per-device budget, are the plan's; `jaxinfer profile` reports one device's share, and its KV use returns to
+    zero after a workload."""
     import json
 
     from jaxinfer.engine import LLMEngine
@@ -64,3 +65,10 @@ def test_planner_equals_the_engine_arrays_at_tp2_pp2(tmp_path):
         for d in runner.plan.mesh.devices[stage]:
             assert weights[d] == p["weights"]["per_stage_device_bytes"][stage]
             assert kv[d] == p["kv_cache"]["allocated_bytes_per_device"]
+    from jaxinfer.profiler import profile_engine, random_requests
+
+    prof = profile_engine(engine, random_requests(250, 3, seed=1, input_range=(5, 20), output_range=(2, 6)),
+                          workspace=False)
+    assert prof.weights_bytes == p["weights"]["per_device_bytes"]
+    assert prof.kv_bytes == p["kv_cache"]["allocated_bytes_per_device"]
+    assert prof.samples[-1].used_blocks == 0 and max(s.used_blocks for s in prof.samples) > 0
