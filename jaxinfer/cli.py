@@ -1,4 +1,4 @@
-"""`jaxinfer` command line: generate, chat, bench throughput, convert, plan, profile."""
+"""`jaxinfer` command line: generate, chat, bench throughput, convert, plan, profile, serve."""
 from __future__ import annotations
 
 import argparse
@@ -153,10 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jaxinfer.planner.cli import add_plan_args, add_profile_args
     add_plan_args(sub), add_profile_args(sub)
+    sub.add_parser("serve", add_help=False, help="gRPC + OpenAI HTTP server (serve/launch.py; jaxinfer serve --help)")
     return parser
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the absl launcher, as `python -m serve.launch` (its flags, its --help)
+        import runpy
+        sys.argv = ["jaxinfer serve", *argv[1:]]
+        return runpy.run_module("serve.launch", run_name="__main__", alter_sys=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

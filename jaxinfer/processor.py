@@ -101,6 +101,9 @@ class InputProcessor:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(field, f"prompt has {len(ids)} tokens, more than fits max_model_len="
                                              f"{self.max_model_len} with at least one generated token")
+        bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
+        if bad is not None:  # the sampler packs them into int32 arrays on the engine thread
+            raise InvalidRequestError("stop_token_ids", f"stop_token_ids must be in [0, {self.vocab_size}), got {bad}")
         if params.n > self.max_n:
             raise InvalidRequestError("n", f"n={params.n} exceeds max_num_seqs={self._max_num_seqs} "
                                            f"or max_num_batched_tokens={self._max_num_batched_tokens}")

@@ -1,2 +1,3 @@
-"""Servers over jaxinfer.AsyncEngine (gRPC Generate, OpenAI-compatible HTTP, absl launcher): on the roadmap,
-not implemented yet. AsyncEngine (jaxinfer/async_engine.py) is the interface they will use."""
+"""jaxinfer's servers over one AsyncEngine: gRPC `jaxinfer.v1.GenerationService` (with health checking and
+reflection), OpenAI-compatible HTTP, Prometheus metrics, and the absl launcher (`python -m serve.launch`).
+See docs/ARCHITECTURE.md ("serve/")."""

@@ -73,6 +73,8 @@ def test_text_token_ids_and_chat_prompts(processor, tokenizer):
     (None, dict(messages=[]), "messages", "non-empty list"),
     (None, dict(messages=["hi"]), "messages", r"messages\[0\] must be a dict"),
     ("hi", dict(params=SamplingParams(n=5)), "n", "n=5 exceeds max_num_seqs=4"),
+    # out-of-vocabulary stop ids would overflow the sampler's int32 arrays on the engine thread
+    ("hi", dict(params=SamplingParams(stop_token_ids=[2, 2**40])), "stop_token_ids", r"\[0, 49152\), got 1099511627776"),
     ("hi", dict(params={"temperature": 0}), "sampling_params", "must be SamplingParams"),
     ("hi", dict(request_id=""), "request_id", "non-empty string"),
     ("hi", dict(request_id=7), "request_id", "non-empty string"),
