@@ -15,6 +15,8 @@ from jaxinfer.batch import StepBatch
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import apply_rope, linear, rms_norm, rope_inv_freq, rope_tables
 from jaxinfer.params import Kind, global_specs, layer_specs
+from jaxinfer.quantization.weight import QuantizedWeight, dequantize_columns
+from jaxinfer.quantization.xla_matmul import QuantMatmulPlan
 
 _INITS = {Kind.LINEAR: nn.initializers.normal(0.02), Kind.HEAD: nn.initializers.normal(0.02),
           Kind.NORM: nn.initializers.ones, Kind.BIAS: nn.initializers.zeros}
@@ -38,13 +40,15 @@ class DecoderLayer(nn.Module):
     attention_backend: str
     matmul_backend: str
     packing: tuple = ()  # ((name, QuantLayout), ...): this layer's packed weights
+    quant_plan: QuantMatmulPlan | None = None
 
     @nn.compact
     def __call__(self, x, kv, batch: StepBatch, cos, sin, plan):
         c = self.config
         hd, h, kvh = c.head_dim, c.num_heads, c.num_kv_heads
         w = _declare(self, layer_specs(c, self.layer), self.dtype, dict(self.packing))
-        lin = lambda v, name, bias=None: linear(v, w[name], w.get(bias), matmul_backend=self.matmul_backend)
+        lin = lambda v, name, bias=None: linear(v, w[name], w.get(bias), matmul_backend=self.matmul_backend,
+                                                quant_plan=self.quant_plan)
 
         hn = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
         t = x.shape[0]
@@ -69,6 +73,7 @@ class LlamaModel(nn.Module):
     attention_backend: str = "xla"
     matmul_backend: str = "xla"
     packing: tuple = ()  # ((spec key, QuantLayout), ...), e.g. (("layers_0/wq", layout), ...): packed weights
+    quant_plan: QuantMatmulPlan | None = None  # XLA formulation per row count for packed weights (cpu_probe)
 
     @nn.compact
     def __call__(self, kv_cache, batch: StepBatch, all_logits: bool = False):
@@ -78,12 +83,13 @@ class LlamaModel(nn.Module):
         w = _declare(self, global_specs(c), self.dtype, {k: v for k, v in packing.items() if "/" not in k})
         lm_head = w["lm_head"]
         if c.tie_word_embeddings:
-            if not isinstance(lm_head, jax.Array):
-                raise ValueError("a tied-embedding model needs a plain lm_head array (the token lookup gathers its "
-                                 f"columns), got {type(lm_head).__name__}")
             # Tied models keep only the LM head's [hidden, vocab] layout: XLA CPU's bf16 dot is ~10x slower on a
-            # transposed [vocab, hidden] operand, while gathering T columns for the lookup costs little.
-            x = _gather_columns(lm_head, batch.token_ids).astype(self.dtype)
+            # transposed [vocab, hidden] operand, while gathering T columns for the lookup costs little. A packed
+            # head dequantizes only the gathered columns.
+            if isinstance(lm_head, QuantizedWeight):
+                x = dequantize_columns(lm_head, batch.token_ids, self.dtype)
+            else:
+                x = _gather_columns(lm_head, batch.token_ids).astype(self.dtype)
         else:
             x = w["embed"][batch.token_ids].astype(self.dtype)
         cos, sin = rope_tables(batch.positions, rope_inv_freq(c))
@@ -95,13 +101,14 @@ class LlamaModel(nn.Module):
             prefix = f"layers_{i}/"
             layer_packing = tuple((k[len(prefix):], v) for k, v in self.packing if k.startswith(prefix))
             layer = DecoderLayer(c, i, self.dtype, self.attention_backend, self.matmul_backend, layer_packing,
-                                 name=f"layers_{i}")
+                                 self.quant_plan, name=f"layers_{i}")
             x, kv = layer(x, kv_cache[i], batch, cos, sin, plan)
             new_cache.append(kv)
         if not all_logits:
             x = x[batch.logits_indices]  # only the rows we sample from go through the LM head
         x = rms_norm(x, w["final_norm"], c.rms_norm_eps)
-        logits = linear(x.astype(jnp.float32), lm_head, matmul_backend=self.matmul_backend)  # f32 logits
+        # f32 logits; a packed head runs the "dequantize" formulation on XLA: f32 activations, exact weights
+        logits = linear(x.astype(jnp.float32), lm_head, matmul_backend=self.matmul_backend)
         return logits, tuple(new_cache)
 
 

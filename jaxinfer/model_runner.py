@@ -67,7 +67,7 @@ class StepHandle:
 class ModelRunner:
     def __init__(self, config: ModelConfig, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, kv_dtype, attention_backend: str,
-                 matmul_backend: str, dtype):
+                 matmul_backend: str, dtype, quant_plan=None, compiler_options: dict | None = None):
         self.config = config
         self.params = params
         self.num_blocks = num_blocks
@@ -78,11 +78,12 @@ class ModelRunner:
         self.max_blocks = math.ceil(blocks / DEFAULT_CHUNK_BLOCKS) * DEFAULT_CHUNK_BLOCKS
         self.kv_cache = init_kv_cache(config, num_blocks, block_size, kv_dtype, attention_backend)
         self.model = LlamaModel(config, dtype=dtype, attention_backend=attention_backend,
-                                matmul_backend=matmul_backend, packing=packing_of(params))
+                                matmul_backend=matmul_backend, packing=packing_of(params), quant_plan=quant_plan)
         self.eos_token_ids = tuple(config.eos_token_ids)
         # Forward and sampler are separate jits: the forward compiles once per token bucket whatever sampling
         # options are in the batch; the sampler's variants are small and compile in a fraction of the time.
-        self._forward = jax.jit(self._forward_impl, donate_argnums=(1,))
+        # compiler_options: XLA options for the forward (packed weights on CPU: jaxinfer.quantization.xla_matmul)
+        self._forward = jax.jit(self._forward_impl, donate_argnums=(1,), compiler_options=compiler_options or None)
         self._sample = jax.jit(self._sample_impl, static_argnames=("flags", "eos_token_ids"))
         self.max_rows = self.num_rows(self.buckets[-1])
         self._no_prev_tokens = jnp.zeros(self.max_rows, jnp.int32)
