@@ -24,9 +24,11 @@ import numpy as np
 from jaxinfer import sampler
 from jaxinfer.attention import default_attention_backend
 from jaxinfer.batch import SeqChunk
-from jaxinfer.loaders import load_params, open_checkpoint
+from jaxinfer.loaders import load_params, open_checkpoint, params_nbytes
 from jaxinfer.model_runner import ModelRunner, StepHandle, enable_compilation_cache
 from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxinfer.quantization.on_load import check_mode
+from jaxinfer.quantization.runtime import prepare_packed_weights
 from jaxinfer.registry import DEFAULT_MODEL
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -46,7 +48,13 @@ class EngineArgs:
     model: str = DEFAULT_MODEL
     tokenizer: str | None = None          # default: the model's own
     dtype: str | None = None              # activations; None: float32 on CPU, bfloat16 on GPU/TPU
-    weight_dtype: str | None = None       # stored weights; None: bfloat16, or on CPU the faster of bf16/f32 here
+    weight_dtype: str | None = None       # stored float weights; None: bfloat16, or on CPU the faster of bf16/f32
+    #                                       here. Given explicitly, packed checkpoints are expanded to it too
+    #                                       unless `quantization` says otherwise.
+    quantization: str | None = None       # packed weights: None keeps a checkpoint's packing (GGUF Q4_0/Q4_1/Q8_0,
+    #                                       GPTQ, AWQ) where it runs at least as fast as float here (always on
+    #                                       GPU); "packed" always; "dequantize" expands it to float; "int8"
+    #                                       (per channel) / "int4" (g128, or "int4-g64"...) quantize on load
     kv_cache_dtype: str | None = None     # None: same as dtype
     block_size: int = 16
     num_kv_blocks: int | None = None      # overrides the memory budget below
@@ -60,7 +68,7 @@ class EngineArgs:
     scheduler_policy: str = "continuous"  # "static": admit a batch only when the previous one finished
     async_scheduling: bool = True         # launch step N+1 before reading step N's tokens (see step())
     attention_backend: str | None = None  # None: "pallas" on GPU, "xla" elsewhere
-    matmul_backend: str | None = None
+    matmul_backend: str | None = None     # packed weights: None: "pallas" on GPU, "xla" elsewhere
     compilation_cache_dir: str | None = None
     max_waiting_requests: int = 4096
     verbose: bool = True
@@ -105,7 +113,16 @@ class LLMEngine:
         # (SmolLM2-135M then answers "What is the capital of France?" with "L'Étoile, la Marseillaise, ..." where
         # HF fp32 says "The capital of France is Paris."). It is one matrix, 0.06 GiB more for SmolLM2.
         head_dtype = max(weight_dtype, dtype, key=lambda d: jnp.dtype(d).itemsize)
-        params = load_params(checkpoint, weight_dtype, head_dtype=head_dtype, verbose=args.verbose)
+        quantization = check_mode(args.quantization)
+        params = load_params(checkpoint, weight_dtype, head_dtype=head_dtype, verbose=args.verbose,
+                             quantization="dequantize" if quantization is None and args.weight_dtype else quantization)
+        packed = prepare_packed_weights(self.config, params, backend=backend, quantization=quantization,
+                                        matmul_backend=args.matmul_backend, float_dtype=weight_dtype,
+                                        head_dtype=head_dtype)
+        params = packed.params
+        self.params_nbytes = params_nbytes(params)  # what the device holds for the weights
+        if args.verbose and packed.note:
+            print(f"[jaxinfer] {packed.note}; weights hold {self.params_nbytes / 2**30:.3f} GiB", flush=True)
         path = checkpoint.path
         tokenizer_source = args.tokenizer or (None if path.startswith("random:") else path)  # random weights: none
         self.tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
@@ -122,7 +139,8 @@ class LLMEngine:
             self.config, params, num_blocks=num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len, kv_dtype=kv_dtype,
             attention_backend=args.attention_backend or default_attention_backend(),
-            matmul_backend=args.matmul_backend or "xla", dtype=dtype)
+            matmul_backend=packed.matmul_backend, quant_plan=packed.plan, compiler_options=packed.compiler_options,
+            dtype=dtype)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len,
@@ -364,7 +382,7 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------------- metrics
     def metrics(self) -> dict[str, Any]:
         m = dict(self.scheduler.metrics())
-        m.update(self._stats, num_compiled_step_variants=self.runner.num_compiled())
+        m.update(self._stats, num_compiled_step_variants=self.runner.num_compiled(), weight_bytes=self.params_nbytes)
         return m
 
     def warmup(self, param_variants=None, token_counts=None) -> float:

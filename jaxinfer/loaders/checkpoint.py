@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.loaders.common import Checkpoint, CheckpointError, params_nbytes, read_json
+from jaxinfer.quantization.on_load import convert_built
 from jaxinfer.params import Kind, model_specs
 
 CONFIG_FILE = "jaxinfer_config.json"  # what jaxinfer.loaders.load_weights looks for
@@ -66,7 +67,8 @@ def open_orbax_checkpoint(path: str) -> Checkpoint:
     """A checkpoint written by save_checkpoint: its config now, its weights when loaded."""
     path = os.path.abspath(os.path.expanduser(path))
     config, _ = _read_config(path)
-    return Checkpoint(path, config, lambda dtype, head_dtype=None: load_checkpoint(path, dtype, head_dtype)[1])
+    return Checkpoint(path, config, lambda dtype, head_dtype=None, quantization=None: convert_built(
+        load_checkpoint(path, dtype, head_dtype)[1], config, dtype, head_dtype, quantization))
 
 
 def load_checkpoint(path: str, dtype=None, head_dtype=None) -> tuple[ModelConfig, dict]:
@@ -156,7 +158,10 @@ def _join_quantized(tree, quantized: dict, path: str = ""):
     if path in quantized:
         from jaxinfer.quantization import QuantizedWeight
 
-        return QuantizedWeight(**{f: tree.get(f) for f in _QUANT_ARRAYS}, **quantized[path])
+        w = QuantizedWeight(**{f: tree.get(f) for f in _QUANT_ARRAYS}, **quantized[path])
+        if w.bits == 8 and w.qweight.dtype == jnp.uint8:  # saved before 8-bit codes were stored as u - 128
+            w = dataclasses.replace(w, qweight=(w.qweight.astype(jnp.int16) - 128).astype(jnp.int8))
+        return w
     if not quantized:
         return tree
     if isinstance(tree, dict):
