@@ -1,5 +1,6 @@
 # The README's two commands: `make run` and `make test`. Everything they need is installed from here.
 PY ?= python3
+MAX_TOKENS ?= 96
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 
 .PHONY: install install-dev run test bench
@@ -12,7 +13,7 @@ install-dev: install
 	$(PIP) -e ".[dev]"
 
 run: install
-	$(PY) -m jaxinfer.cli generate --chat-template --max-tokens 96 "What is the capital of France? Answer in one sentence, then name two famous places there."
+	$(PY) -m jaxinfer.cli generate --chat-template --max-tokens $(MAX_TOKENS) "What is the capital of France? Answer in one sentence, then name two famous places there."
 
 test: install-dev
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -23,66 +23,37 @@ import jax  # noqa: E402
 
 from benchmarks.workload import build_workload, load_tokenizer  # noqa: E402
 
-PARTS = ("schedule", "batch build", "dispatch", "device wait")
+from jaxinfer.stats import STEP_PARTS as PARTS  # noqa: E402  (schedule, batch build, dispatch, device wait)
 
 
 def profile(mode: str, workload, max_num_seqs: int, weight_dtype, runs: int) -> dict:
-    from jaxinfer import LLM, SamplingParams, sampler
+    from jaxinfer import LLM, SamplingParams
 
     llm = LLM(model="smollm2-135m", max_num_seqs=max_num_seqs, enable_prefix_caching=False,
               weight_dtype=weight_dtype, async_scheduling=mode == "async", verbose=False)
     llm.warmup()
-    runner = llm.engine.runner
-    seconds, bucket_ms = collections.defaultdict(float), collections.defaultdict(list)
-    launched, last_bucket, last_fetch_end = {}, [0], [0.0]  # launched: handle id -> (start time, bucket)
-
-    def timed(owner, name: str, part: str):
-        """Wrap owner.name so its wall time adds to seconds[part]."""
-        inner = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            out = inner(*args, **kwargs)
-            end = time.perf_counter()
-            seconds[part] += end - start
-            if name == "prepare":
-                last_bucket[0] = out.num_tokens
-            elif name == "launch":
-                launched[id(out)] = (start, last_bucket[0])
-            elif name == "fetch":
-                # A step's device time: from when the device could start it (its launch, or the end of the
-                # step before it, which async scheduling queues it behind) to when its results are back.
-                launch_start, bucket = launched.pop(id(args[0]))
-                bucket_ms[bucket].append(1000 * (end - max(launch_start, last_fetch_end[0])))
-                last_fetch_end[0] = end
-            return out
-
-        setattr(owner, name, wrapper)
-
-    timed(llm.engine.scheduler, "schedule", "schedule")
-    timed(runner, "prepare", "batch build")
-    timed(sampler, "make_sampling_tensors", "batch build")
-    timed(runner, "_forward", "dispatch")
-    timed(runner, "_sample", "dispatch")
-    timed(runner, "launch", "launch")
-    timed(runner, "fetch", "device wait")
+    stats = llm.engine.stats  # the engine's own per-step timings (jaxinfer/stats.py)
+    bucket_ms = collections.defaultdict(list)
+    unsubscribe = stats.add_step_listener(lambda step: bucket_ms[step.bucket].append(1000 * step.device_s))
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
     walls = []
     for _ in range(runs):
-        seconds.clear()
         bucket_ms.clear()
-        last_fetch_end[0] = time.perf_counter()
+        before = stats.snapshot().host_seconds
         start = time.perf_counter()
         llm.generate(workload.prompts, params)
         walls.append(time.perf_counter() - start)
+        after = stats.snapshot().host_seconds
+    unsubscribe()
+    seconds = {p: after[p] - before[p] for p in PARTS}
     wall = walls[-1]
-    other = wall - sum(seconds[p] for p in PARTS)
+    other = wall - sum(seconds.values())
     return dict(mode=mode, wall=statistics.median(walls), walls=walls, last_wall=wall,
                 shares={**{p: seconds[p] / wall for p in PARTS}, "other host": other / wall},
-                seconds={**{p: seconds[p] for p in PARTS}, "other host": other},
+                seconds={**seconds, "other host": other},
                 bucket_ms={b: statistics.median(v) for b, v in bucket_ms.items()},
                 bucket_steps={b: len(v) for b, v in bucket_ms.items()},
-                weights=str(runner.params["final_norm"].dtype))
+                weights=str(llm.engine.runner.params["final_norm"].dtype))
 
 
 def main() -> None:

@@ -55,22 +55,20 @@ def run_jaxinfer(workload: Workload, policy: str, max_num_seqs: int, runs: int,
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
 
     # engine.metrics() is a snapshot (KV fragmentation of the live sequences), so sample it every few
-    # steps while the workload runs, by wrapping this engine instance's step().
+    # steps while the workload runs, from the engine's step listener (jaxinfer/stats.py).
     samples: list[dict] = []
-    engine_step, step_count = llm.engine.step, itertools.count()
+    step_count = itertools.count()
 
-    def sampling_step():
-        out = engine_step()
+    def sample_metrics(_step) -> None:
         if next(step_count) % 4 == 0:
             samples.append(dict(llm.engine.metrics()))
-        return out
 
     def run_once() -> list[list[int]]:
-        llm.engine.step = sampling_step
+        unsubscribe = llm.engine.stats.add_step_listener(sample_metrics)
         try:
             outs = llm.generate(workload.prompts, params)
         finally:
-            del llm.engine.step  # back to the class's step
+            unsubscribe()
         return [list(o.token_ids) for o in outs]
 
     walls, outputs = timed_runs(run_once, runs)

@@ -4,9 +4,11 @@ Each request is a prompt of 16-128 tokens cut from real text (WikiText-2 test sp
 length of 16-384 tokens (generated with ignore_eos, so every system produces exactly the same number of
 tokens). Outputs are on average ~3x longer than prompts: decode-heavy, like chat traffic.
 
-Also here: the KV-memory arithmetic behind the paged-vs-contiguous comparison (how much a contiguous
-max-length reservation wastes, and how many sequences fit a fixed KV budget either way). It is pure
-arithmetic from the workload's lengths and the model's shape.
+Also here: the latency arithmetic of streamed requests (`StreamTiming`, `summarize_streams`: TTFT, ITL, TPOT
+and end-to-end latency, mean and percentiles), shared by every benchmark that streams; and the KV-memory
+arithmetic behind the paged-vs-contiguous comparison (how much a contiguous max-length reservation wastes, and
+how many sequences fit a fixed KV budget either way), pure arithmetic from the workload's lengths and the
+model's shape.
 """
 
 from __future__ import annotations
@@ -326,3 +328,57 @@ def format_memory_reports(reports: Sequence[KVMemoryReport]) -> str:
             f"{r.contiguous_waste:.1%} | {r.gib(r.paged_reserved_tokens):.3f} | {r.paged_waste:.1%} | "
             f"{r.max_seqs_contiguous} | {r.max_seqs_paged} / {r.max_seqs_paged_worst_case} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- streaming latency
+
+@dataclasses.dataclass(frozen=True)
+class StreamTiming:
+    """Client-side clock (time.perf_counter) of one streamed request: when it was sent, and when each chunk
+    carrying new tokens arrived (a chunk may carry several tokens when the client fell behind)."""
+    start: float
+    chunk_times: tuple[float, ...]
+    chunk_tokens: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.chunk_tokens)
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0] - self.start
+
+    @property
+    def e2e(self) -> float:
+        return self.chunk_times[-1] - self.start
+
+    @property
+    def itls(self) -> list[float]:
+        """Inter-token latencies as streaming benchmarks count them: the gaps between consecutive chunks."""
+        t = self.chunk_times
+        return [b - a for a, b in zip(t, t[1:])]
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first (independent of how tokens were chunked)."""
+        n = self.num_tokens
+        return (self.e2e - self.ttft) / (n - 1) if n > 1 else None
+
+
+def latency_summary(values: Sequence[float]) -> dict[str, float]:
+    """mean, p50, p90, p99 (seconds in, seconds out)."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return dict.fromkeys(("mean", "p50", "p90", "p99"), float("nan"))
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"mean": float(a.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def summarize_streams(timings: Sequence[StreamTiming]) -> dict[str, dict[str, float]]:
+    """TTFT, ITL (over every gap of every stream), TPOT and end-to-end latency of a set of streamed requests."""
+    return {
+        "ttft": latency_summary([t.ttft for t in timings]),
+        "itl": latency_summary([x for t in timings for x in t.itls]),
+        "tpot": latency_summary([t.tpot for t in timings if t.tpot is not None]),
+        "e2e": latency_summary([t.e2e for t in timings]),
+    }

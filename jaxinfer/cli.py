@@ -1,28 +1,18 @@
-"""`jaxinfer` command line: generate, chat, bench throughput, convert."""
+"""`jaxinfer` command line: generate, chat, bench throughput, convert, plan, profile."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
 import numpy as np
 
+from jaxinfer.engine_args import add_argparse_flags, engine_args_from_namespace
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="registered name, .gguf file, HF dir or orbax checkpoint")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"],
-                   help="activation dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    p.add_argument("--weight-dtype", default=None, choices=[None, "float32", "bfloat16", "float16"],
-                   help="stored weight dtype (default: bfloat16; float32 for bit-level parity with HF fp32)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--no-async-scheduling", action="store_true",
-                   help="read each step's tokens before scheduling the next (default: one step in flight)")
-    p.add_argument("--attention-backend", default=None, choices=[None, "xla", "pallas", "reference"])
+    add_argparse_flags(p.add_argument_group("engine options (EngineArgs)"))
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -36,13 +26,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _make_llm(a, **overrides):
     from jaxinfer import LLM
 
-    kwargs = dict(model=a.model, dtype=a.dtype, weight_dtype=a.weight_dtype, max_model_len=a.max_model_len,
-                  max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                  num_kv_blocks=a.num_kv_blocks, block_size=a.block_size,
-                  enable_prefix_caching=not a.no_prefix_caching, attention_backend=a.attention_backend,
-                  async_scheduling=not a.no_async_scheduling)
-    kwargs.update(overrides)
-    return LLM(**kwargs)
+    return LLM(**dataclasses.asdict(engine_args_from_namespace(a, **overrides)))
 
 
 def _params(a):
@@ -70,10 +54,12 @@ def _stream_to_terminal(llm, prompt, params) -> str:
 
 
 def cmd_generate(a) -> None:
+    from jaxinfer.processor import chat_prompt_ids
+
     llm = _make_llm(a)
     if llm.tokenizer is None:
         sys.exit(f"jaxinfer generate: model {a.model!r} has no tokenizer")
-    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}]) if a.chat_template \
+    prompt = chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": a.prompt}]) if a.chat_template \
         else llm.tokenizer.encode(a.prompt)
     # Compile (or load from the persistent cache) before timing anything, but only the buckets this one request
     # uses: its prefill chunks and single-token decodes.
@@ -95,7 +81,7 @@ def cmd_chat(a) -> None:
         if not line:
             break
         messages.append({"role": "user", "content": line})
-        reply = _stream_to_terminal(llm, llm.tokenizer.apply_chat_template(messages), _params(a))
+        reply = _stream_to_terminal(llm, messages, _params(a))
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -103,7 +89,7 @@ def cmd_bench_throughput(a) -> None:
     """Random-token workload (vLLM's `--dataset random` style): prompt and output lengths drawn uniformly."""
     from jaxinfer import SamplingParams
 
-    llm = _make_llm(a, scheduler_policy=a.policy)
+    llm = _make_llm(a)
     print(f"warm-up compile: {llm.warmup([SamplingParams(temperature=0.0)]):.1f}s", file=sys.stderr)
     rng = np.random.default_rng(a.seed or 0)
     vocab = llm.engine.config.vocab_size
@@ -117,7 +103,7 @@ def cmd_bench_throughput(a) -> None:
     gen = sum(len(r.token_ids) for r in results)
     total = gen + sum(len(p) for p in prompts)
     print(f"| requests | policy | output tok/s | total tok/s | wall s |\n|---|---|---|---|---|\n"
-          f"| {a.num_requests} | {a.policy} | {gen / elapsed:.1f} | {total / elapsed:.1f} | {elapsed:.1f} |")
+          f"| {a.num_requests} | {a.scheduler_policy} | {gen / elapsed:.1f} | {total / elapsed:.1f} | {elapsed:.1f} |")
 
 
 def cmd_convert(a) -> None:
@@ -130,7 +116,7 @@ def cmd_convert(a) -> None:
     convert(a.src, a.dst, lambda src: load_weights(src, dtype))
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -156,7 +142,6 @@ def main(argv=None) -> None:
     t.add_argument("--max-input", type=int, default=128)
     t.add_argument("--min-output", type=int, default=16)
     t.add_argument("--max-output", type=int, default=384)
-    t.add_argument("--policy", default="continuous", choices=["continuous", "static"])
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=cmd_bench_throughput)
 
@@ -166,6 +151,13 @@ def main(argv=None) -> None:
     v.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     v.set_defaults(fn=cmd_convert)
 
+    from jaxinfer.planner.cli import add_plan_args, add_profile_args
+    add_plan_args(sub), add_profile_args(sub)
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.fn(args)

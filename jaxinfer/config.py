@@ -63,8 +63,13 @@ class ModelConfig:
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embed + d
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+    def kv_bytes_per_token(self, dtype_bytes: int, *, num_layers: int | None = None,
+                           num_kv_heads: int | None = None) -> int:
+        """K and V of one token over all layers. num_layers / num_kv_heads: what one device holds when layers
+        are split over pipeline stages or KV heads over the tensor axis (jaxinfer.kv_budget, the planner)."""
+        layers = self.num_layers if num_layers is None else num_layers
+        heads = self.num_kv_heads if num_kv_heads is None else num_kv_heads
+        return 2 * layers * heads * self.head_dim * dtype_bytes
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], name: str = "") -> "ModelConfig":

@@ -6,10 +6,12 @@ from typing import Iterator, Sequence
 from tqdm.auto import tqdm
 
 from jaxinfer.engine import EngineArgs, LLMEngine
+from jaxinfer.errors import InvalidRequestError
 from jaxinfer.outputs import RequestOutput
+from jaxinfer.processor import Messages, is_chat
 from jaxinfer.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | Messages  # text, token ids, or one chat conversation
 
 
 class LLM:
@@ -25,11 +27,19 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run prompts (strings or token-id lists) to completion; outputs in input order."""
+        """Run prompts (strings, token-id lists or chat conversations) to completion; outputs in input order."""
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
         # Validate everything before queueing anything: a bad request fails the call, not half of it.
-        ids = [self._add(p, sp) for p, sp in zip(prompts, params)]
+        requests = [self.engine.processor.process(p, sp) for p, sp in zip(prompts, params)]
+        ids = []
+        try:
+            for request in requests:
+                ids.append(self.engine.add_processed_request(request))
+        except Exception:  # admission refused one (queue full): take back the ones already queued
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
         final: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
@@ -41,7 +51,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield RequestOutputs as tokens arrive (`.outputs[0].delta_text` is the new text)."""
-        request_id = self._add(prompt, sampling_params or SamplingParams())
+        request_id = self.engine.add_request(prompt, sampling_params or SamplingParams())
         try:
             while True:
                 for out in self.engine.step():
@@ -53,22 +63,14 @@ class LLM:
             if self.engine.has_unfinished_requests():
                 self.engine.abort_request(request_id)
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, use_tqdm: bool = False):
+    def chat(self, messages: Messages | list[Messages], sampling_params=None, use_tqdm: bool = False):
         """Apply the model's chat template to one conversation (or a list of them) and generate."""
-        single = bool(messages) and isinstance(messages[0], dict)
-        conversations = [messages] if single else messages
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-        return outs
-
-    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
-        if isinstance(prompt, str):
-            return self.engine.add_request(prompt, params)
-        return self.engine.add_request(None, params, prompt_token_ids=list(prompt))
+        conversations = [messages] if is_chat(messages) else messages
+        return self.generate(conversations, sampling_params, use_tqdm=use_tqdm)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, str) or is_chat(prompts):
         return [prompts]
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
@@ -83,5 +85,5 @@ def _as_params_list(params, n: int) -> list[SamplingParams]:
         return [params] * n
     params = list(params)
     if len(params) != n:
-        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        raise InvalidRequestError("sampling_params", f"got {len(params)} SamplingParams for {n} prompts")
     return params

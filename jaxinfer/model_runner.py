@@ -58,10 +58,13 @@ def enable_compilation_cache(path: str | None = None) -> str:
 
 @dataclasses.dataclass
 class StepHandle:
-    """A launched step: device arrays, possibly not computed yet."""
+    """A launched step: device arrays, possibly not computed yet, and what launching it cost the host."""
     sampled: sampler.SamplerOutput
     prompt_logprobs: tuple | None
     padded_token_ids: jax.Array  # [max rows] int32: the sampled ids, padded to one shape for the next step
+    num_tokens: int = 0  # the token bucket it runs at
+    build_s: float = 0.0  # host time building the batch and sampling tensors
+    dispatch_s: float = 0.0  # host time in the jitted calls (dispatch only: they return before the device ends)
 
 
 class ModelRunner:
@@ -134,6 +137,7 @@ class ModelRunner:
         request asked for prompt_logprobs. min_tokens pads the batch to at least that many token rows (static
         batching keeps finished rows as padding). previous: the step whose sampled ids chunks with a
         `pending_row` read."""
+        start = time.perf_counter()
         batch = self.prepare(chunks, min_tokens)
         tensors, flags = sampler.make_sampling_tensors(rows, batch.logits_indices.shape[0], self.config.vocab_size)
         targets = None
@@ -142,11 +146,13 @@ class ModelRunner:
             flat = [t for chunk_targets in prompt_targets for t in chunk_targets]
             targets[:len(flat)] = flat
         prev_tokens = previous.padded_token_ids if previous is not None else self._no_prev_tokens
+        built = time.perf_counter()
         (logits, prompt_lp), self.kv_cache = self._forward(self.params, self.kv_cache, batch, targets, prev_tokens)
         out, padded = self._sample(logits, tensors, prev_tokens, flags=flags, eos_token_ids=self.eos_token_ids)
+        dispatched = time.perf_counter()
         for leaf in jax.tree_util.tree_leaves((out, prompt_lp)):
             leaf.copy_to_host_async()  # start the (small) copy back now, not when the host asks
-        return StepHandle(out, prompt_lp, padded)
+        return StepHandle(out, prompt_lp, padded, batch.num_tokens, built - start, dispatched - built)
 
     @staticmethod
     def fetch(handle: StepHandle):

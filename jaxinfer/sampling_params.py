@@ -1,13 +1,16 @@
 """Per-request sampling parameters (vLLM-compatible field names and semantics).
 
 Validation happens once, in `__post_init__`, so the sampler and the scheduler can trust every field.
-Every error is a `ValueError` whose message names the field and the rejected value.
+Every error is an `InvalidRequestError` (a `ValueError`) whose `field` is the field and whose message names the
+field and the rejected value.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from typing import Sequence
+
+from jaxinfer.errors import InvalidRequestError
 
 # Temperatures below this are treated as greedy (as vLLM's _SAMPLING_EPS): dividing logits by ~0 would only
 # overflow, and the argmax is what such a temperature means anyway.
@@ -25,8 +28,8 @@ def _is_number(v) -> bool:
         hasattr(v, "dtype") and getattr(v, "ndim", 1) == 0)  # numpy scalars
 
 
-def _bad(field: str, value, why: str) -> ValueError:
-    return ValueError(f"{field} {why}, got {field}={value!r}")
+def _bad(field: str, value, why: str) -> InvalidRequestError:
+    return InvalidRequestError(field, f"{field} {why}, got {field}={value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -373,7 +373,13 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._seqs) - len(self.running)  # queued + siblings waiting to be forked
+        # queued + siblings waiting to be forked (max(0): a reader on another thread may see the two sizes
+        # straddle an admission)
+        return max(0, len(self._seqs) - len(self.running))
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._num_preemptions
 
     def metrics(self) -> dict[str, float]:
         m = bp.metrics(self.pool)

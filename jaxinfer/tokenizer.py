@@ -1,9 +1,11 @@
 """Tokenizer loading and streaming detokenization (incremental, UTF-8 safe; stop strings).
 
-`load_tokenizer` accepts a HF model directory or a `.gguf` file (transformers converts the tokenizer embedded
-in the GGUF metadata). `IncrementalDetokenizer` turns a stream of token ids into text deltas without
-re-decoding the whole sequence; `StopStringMatcher` cuts the streamed text at the first stop string; and
-`OutputDetokenizer` chains the two, which is what the engine keeps per sequence.
+`load_tokenizer` accepts a HF model directory (transformers' AutoTokenizer on its tokenizer.json) or a `.gguf`
+file, whose metadata `jaxinfer.gguf_tokenizer` turns into the same `tokenizers` pipeline transformers would build,
+without transformers' GGUF reader (it imports torch, which serving must not need). `IncrementalDetokenizer`
+turns a stream of token ids into text deltas without re-decoding the whole sequence; `StopStringMatcher` cuts
+the streamed text at the first stop string; and `OutputDetokenizer` chains the two, which is what the engine
+keeps per sequence.
 """
 from __future__ import annotations
 
@@ -60,31 +62,21 @@ class Tokenizer:
 def load_tokenizer(path: str) -> Tokenizer:
     """A HF model directory (or an orbax checkpoint made by `jaxinfer convert`, which saves the tokenizer
     files beside the weights), or a `.gguf` file whose metadata carries the tokenizer."""
-    from transformers import AutoTokenizer
-
     path = os.path.abspath(os.path.expanduser(path))
     if path.endswith(".gguf"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        hf = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-        if not hf.chat_template:
-            # Older transformers versions drop `tokenizer.chat_template`; read it from the metadata ourselves.
-            # (Only on this path: GGUFReader parses the whole tensor table, which takes seconds.)
-            hf.chat_template = _gguf_string_field(path, "tokenizer.chat_template")
-        return Tokenizer(hf)
+        from jaxinfer.gguf_tokenizer import load_gguf_tokenizer, read_gguf_vocab
+
+        vocab = read_gguf_vocab(path)
+        # llama.cpp also ends a turn on the end-of-turn / end-of-message ids (Llama 3's <|eot_id|>, <|eom_id|>).
+        return Tokenizer(load_gguf_tokenizer(vocab), extra_eos_ids=(vocab.eot_id, vocab.eom_id))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer path is neither a model directory nor a .gguf file: {path}")
+    from transformers import AutoTokenizer
+
     hf = AutoTokenizer.from_pretrained(path)
     # Chat models often stop on several ids (Llama 3: <|end_of_text|>, <|eot_id|>, ...); those live in
     # generation_config.json / config.json rather than in the tokenizer.
     return Tokenizer(hf, extra_eos_ids=_eos_ids_from_configs(path))
-
-
-def _gguf_string_field(path: str, key: str) -> str | None:
-    import gguf
-
-    field = gguf.GGUFReader(path).fields.get(key)
-    return field.contents() if field is not None else None
 
 
 def _eos_ids_from_configs(model_dir: str) -> set[int]:

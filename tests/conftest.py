@@ -38,15 +38,35 @@ def smollm(gguf_path):
 
 
 @pytest.fixture(scope="session")
+def hf_gguf_tokenizer(gguf_path):
+    """transformers' own tokenizer of the default GGUF (its GGUF reader needs torch): the tokenizer oracle."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(gguf_path):
     from jaxinfer.tokenizer import load_tokenizer
 
     return load_tokenizer(gguf_path)
 
 
+def shared_data_path(*parts: str) -> str:
+    """A file under the project's shared data folder, `../shared/data/` from the repository root. From a git
+    worktree (whose `.git` is a file naming the main repository) that is beside the main checkout instead."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dot_git = os.path.join(root, ".git")
+    if os.path.isfile(dot_git):
+        with open(dot_git) as f:
+            gitdir = f.read().strip().removeprefix("gitdir:").strip()  # <main>/.git/worktrees/<name>
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(os.path.join(root, gitdir)))))
+    return os.path.join(root, "..", "shared", "data", *parts)
+
+
 def wikitext_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
     """n real-text token ids (WikiText-2 test split when present)."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.txt")
+    path = shared_data_path("wikitext-2", "test.txt")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             text = f.read(200_000)

@@ -90,3 +90,6 @@ def test_closed_event_loop_aborts_its_request_and_engine_keeps_serving(async_eng
         return [out async for out in async_engine.generate(wikitext_ids(tokenizer, 10), params)][-1]
 
     assert len(asyncio.run(next_caller()).token_ids) == 5
+    # Close the abandoned stream ourselves (on a fresh loop): left to the garbage collector, its finalizer would
+    # try to schedule aclose() on the closed loop and fail during some later test.
+    asyncio.run(stream.aclose())

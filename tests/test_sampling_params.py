@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 
+from jaxinfer.errors import InvalidRequestError
 from jaxinfer.sampling_params import SamplingParams
 
 
@@ -43,10 +44,11 @@ def test_valid(kwargs):
     ("ignore_eos", 1),
 ])
 def test_invalid_raises_naming_field_and_value(field, value):
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(InvalidRequestError) as e:  # a ValueError carrying the field (servers map it to 400)
         SamplingParams(**{field: value})
     msg = str(e.value)
     assert field in msg and repr(value) in msg, msg
+    assert isinstance(e.value, ValueError) and e.value.field == field
 
 
 def test_normalisation_and_helpers():

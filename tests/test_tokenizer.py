@@ -60,11 +60,8 @@ def sp_tok():
 
 # ---------------------------------------------------------------- loading / chat template
 
-def test_gguf_tokenizer_matches_hf_autotokenizer(gguf_tok):
-    from transformers import AutoTokenizer
-
-    path = _gguf_path()
-    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+def test_gguf_tokenizer_matches_hf_autotokenizer(gguf_tok, hf_gguf_tokenizer):
+    ref = hf_gguf_tokenizer
     for text in TEXTS:
         ids = gguf_tok.encode(text, add_special_tokens=False)
         assert ids == ref.encode(text, add_special_tokens=False)
