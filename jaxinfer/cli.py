@@ -166,6 +166,10 @@ def main(argv=None) -> None:
     v.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     v.set_defaults(fn=cmd_convert)
 
+    from jaxinfer.quantization.cli import add_eval_args, add_quantize_args
+    add_quantize_args(sub)
+    add_eval_args(sub)
+
     args = parser.parse_args(argv)
     try:
         args.fn(args)
