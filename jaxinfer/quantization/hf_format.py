@@ -112,3 +112,39 @@ def save_quantized(dst: str, model, tokenizer=None, float_dtype=np.float32) -> s
         with open(os.path.join(dst, "quantize_config.json"), "w") as f:
             json.dump(qc, f, indent=2)
     return dst
+
+
+def read_packed(src: str, dtype=np.float32):
+    """(config, params) of a checkpoint written by save_quantized (one safetensors file), with the quantized
+    linears repacked into `QuantizedWeight` by `from_gptq` / `from_awq` and the float tensors in `dtype`: the
+    writer's own round-trip reader, for tests and for benchmarks/quantization.py until jaxinfer.loaders reads
+    these checkpoints packed."""
+    import jax.numpy as jnp
+    from safetensors.numpy import load_file
+
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.params import set_leaf
+    from jaxinfer.quantization.packers import from_awq, from_gptq
+
+    with open(os.path.join(src, "config.json")) as f:
+        hf = json.load(f)
+    qc = hf["quantization_config"]
+    if qc["quant_method"] == "gptq" and qc.get("checkpoint_format", "gptq") != "gptq":
+        raise ValueError(f"read_packed reads checkpoint_format 'gptq' only, not {qc['checkpoint_format']!r}")
+    config = ModelConfig.from_hf_config(hf, name=os.path.basename(os.path.normpath(src)))
+    tensors = load_file(os.path.join(src, SAFETENSORS_FILE))
+    params: dict = {}
+    for spec in model_specs(config):
+        prefix = spec.hf_name[: -len(".weight")]
+        if f"{prefix}.qweight" in tensors:
+            t = {k: tensors[f"{prefix}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx") if
+                 f"{prefix}.{k}" in tensors}
+            gs = qc["group_size"] if qc["group_size"] != -1 else spec.shape[0]
+            value = (from_awq(t["qweight"], t["qzeros"], t["scales"], group_size=gs) if qc["quant_method"] == "awq"
+                     else from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=qc["bits"],
+                                    group_size=gs))
+        else:
+            arr = tensors[spec.hf_name]
+            value = jnp.asarray((arr.T if spec.hf_transposed else arr).astype(np.float32), dtype)
+        set_leaf(params, spec, value)
+    return config, params
