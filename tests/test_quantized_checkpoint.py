@@ -79,9 +79,9 @@ def tiny():
     return params, ids
 
 
-CASES = {  # name: (settings, reference reader)
+CASES = {  # name: QuantizeSettings fields
     "gptq-act-order": dict(method="gptq", bits=4, group_size=32, act_order=True),
-    "gptq-asym": dict(method="gptq", bits=4, group_size=32, sym=False),
+    "rtn-asym": dict(method="rtn", bits=4, group_size=32, sym=False),  # v1: zero points kept >= 1
     "rtn-int8-per-channel": dict(method="rtn", bits=8, group_size=-1),
     "rtn-asym-gptq_v2": dict(method="rtn", bits=4, group_size=32, sym=False, checkpoint_format="gptq_v2"),
     "awq": dict(method="awq", bits=4, group_size=32),
