@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 
 from jaxinfer.cpu_probe import cpu_signature  # noqa: E402
 from jaxinfer.quantization import QuantLayout, quantize  # noqa: E402
-from jaxinfer.quantization.xla_matmul import FORMULATIONS, applicable, xla_quant_matmul  # noqa: E402
+from jaxinfer.quantization.xla_matmul import (FORMULATIONS, applicable, cpu_compiler_options,  # noqa: E402
+                                              xla_quant_matmul)
 
 # SmolLM2-135M: q/o projections, k/v projections, gate/up, down, and the (tied) LM head
 SHAPES = ("576x576", "576x192", "576x1536", "1536x576", "576x49152")
@@ -96,13 +97,17 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,4,8,16,32,64")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--runs", type=int, default=7)
-    p.add_argument("--compiler-option", action="append", default=[], help="KEY=VALUE XLA option for every chain")
+    p.add_argument("--compiler-option", action="append", default=[],
+                   help="KEY=VALUE XLA option for every chain; default: as the engine compiles, float dots with "
+                        "plain XLA options and packed ones with cpu_compiler_options() (YNNPACK dot fusion)")
     a = p.parse_args()
     rows = [int(r) for r in a.rows.split(",")]
     options = dict(o.split("=", 1) for o in a.compiler_option)
+    packed_options = options or dict(cpu_compiler_options())
     sig = cpu_signature()
     print(f"machine: {sig['cpu']}, {sig['cores']} cores, flags {' '.join(sig['flags'])}; jax {sig['jax']}; "
-          f"load average {os.getloadavg()[0]:.1f} at start" + (f"; compiler options {options}" if options else ""))
+          f"load average {os.getloadavg()[0]:.1f} at start; compiler options: float {options or 'default'}, "
+          f"packed {packed_options or 'default'}")
     bw = memory_bandwidth()
     print("memory bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
     rng = np.random.default_rng(0)
@@ -118,7 +123,7 @@ def main() -> None:
             for form in forms:
                 op = float_op if spec is None else (lambda x, w, form=form: xla_quant_matmul(x, w, form))
                 xs = {m: jnp.asarray(rng.standard_normal((m, k)), jnp.float32) for m in rows}
-                compiled = {m: chain(op, options, xs[m], weights) for m in rows}
+                compiled = {m: chain(op, options if spec is None else packed_options, xs[m], weights) for m in rows}
                 entries.append((kind, form, nbytes, compiled, xs, weights))
         times = {(i, m): [] for i in range(len(entries)) for m in rows}
         for i, (_, _, _, compiled, xs, weights) in enumerate(entries):
