@@ -132,6 +132,7 @@ class EngineCore:
         dtype, kv_dtype = _activation_dtypes(args)
         self.config = config
         self.weight_bytes = params_nbytes(params)  # what the device holds: packed codes, scales and offsets
+        self.packed = packed  # how packed weights run (None: no decision was made, args.matmul_backend)
         self.eos_token_ids = set(self.config.eos_token_ids) | set(extra_eos_token_ids)
         self.max_model_len = resolve_max_model_len(self.config.max_position_embeddings, args.max_model_len)
         num_blocks = self._num_kv_blocks(kv_dtype)

@@ -175,3 +175,25 @@ def test_quantize_on_load_refuses_a_group_that_does_not_divide(tmp_path):
         load_weights(float_dir, jnp.float32, quantization="int4-g96", verbose=False)
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         load_weights(float_dir, jnp.float32, quantization="int3", verbose=False)
+
+
+def test_cpu_runtime_expands_a_packed_head_unless_told_to_keep_it(monkeypatch, tmp_path):
+    """On CPU a packed tied head runs far slower than a float one (docs/QUANTIZATION.md), so the default
+    expands it, exactly; quantization="packed" keeps it packed."""
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.loaders.common import random_params
+    from jaxinfer.quantization import quantize
+    from jaxinfer.quantization.runtime import prepare_packed_weights
+
+    monkeypatch.setenv("JAXINFER_CACHE_DIR", str(tmp_path))  # the probe's measurement goes here
+    config = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                         num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
+    params = random_params(config, jnp.float32, quantization="int8")
+    head = quantize(np.asarray(params["lm_head"]), bits=8, group_size=32, scale_dtype=jnp.float16)
+    params["lm_head"] = jax.tree.map(jnp.asarray, head)
+    run = lambda mode: prepare_packed_weights(config, params, backend="cpu", quantization=mode,
+                                              matmul_backend=None, float_dtype=jnp.float32, head_dtype=jnp.float32)
+    default = run(None)
+    assert not isinstance(default.params["lm_head"], QuantizedWeight) and "lm_head expanded" in default.note
+    np.testing.assert_array_equal(np.asarray(default.params["lm_head"]), np.asarray(dequantize(head)))
+    assert isinstance(run("packed").params["lm_head"], QuantizedWeight)

@@ -5,6 +5,9 @@
               With `quantization=None` the probe (`jaxinfer.cpu_probe.choose_quant_matmul`) decides on this
               machine whether the layer weights run packed as loaded, re-quantized to int8 per channel, or
               expanded to float, whichever is fastest in that order of preference; "packed" keeps them as loaded.
+              A packed embedding / LM head is expanded to the head dtype unless "packed": no XLA formulation
+              of the [hidden, vocab] head comes near the float dot on CPU (benchmarks/quant_matmul_cpu.py: at
+              one row, 576x49152, f32 23 ms against 320-740 ms for the int8 and dequantizing ones).
   other       XLA's "dequantize" formulation, packed weights as loaded.
 """
 from __future__ import annotations
@@ -51,21 +54,39 @@ def prepare_packed_weights(config, params, *, backend: str, quantization: str | 
                              f"XLA formulations for the packed weights: {choice.plan.describe()}")
     from jaxinfer.cpu_probe import choose_quant_matmul
 
+    head_note = ""
+    if quantization is None:
+        params, expanded = expand_heads(config, params, head_dtype)
+        packing = packing_of(params)
+        head_note = f"{' and '.join(expanded)} expanded to {jnp.dtype(head_dtype).name}; " if expanded else ""
+        if not packing:
+            return PackedRuntime(params, matmul_backend, None, None, head_note.rstrip("; "))
     choice = choose_quant_matmul(config, packing, jnp.dtype(float_dtype).name)
     why = f"{choice.reason}{' (cached measurement)' if choice.cached else ''}"
     action = "packed" if quantization == "packed" else choice.action
     if action == "float":
         return PackedRuntime(dequantize_params(params, float_dtype, head_dtype), matmul_backend, None, None,
-                             f"packed weights expanded to {jnp.dtype(float_dtype).name}: {why}; "
+                             f"{head_note}packed weights expanded to {jnp.dtype(float_dtype).name}: {why}; "
                              "quantization='packed' keeps them packed")
     if action == "int8":
         params = transcode_int8(config, params)
         choice = choose_quant_matmul(config, packing_of(params), jnp.dtype(float_dtype).name)
         return PackedRuntime(params, matmul_backend, choice.plan, options,
-                             f"layer weights re-quantized to int8 per channel: {why}; quantization='packed' "
+                             f"{head_note}layer weights re-quantized to int8 per channel: {why}; quantization='packed' "
                              f"keeps the checkpoint's packing; XLA formulations: {choice.plan.describe()}")
     return PackedRuntime(params, matmul_backend, choice.plan, options,
-                         f"packed weights kept packed: {why}; XLA formulations: {choice.plan.describe()}")
+                         f"{head_note}packed weights kept packed: {why}; XLA formulations: {choice.plan.describe()}")
+
+
+def expand_heads(config, params, head_dtype):
+    """(params with every packed embedding / LM head expanded to `head_dtype`, the keys expanded)."""
+    out = jax.tree.map(lambda x: x, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    expanded = []
+    for spec, value in iter_leaves(params, model_specs(config)):
+        if spec.kind == Kind.HEAD and isinstance(value, QuantizedWeight):
+            set_leaf(out, spec, dequantize(value, head_dtype))
+            expanded.append(spec.key)
+    return out, expanded
 
 
 def transcode_int8(config, params):
