@@ -209,7 +209,8 @@ def measure_quant_matmul(shapes: dict, layouts: dict, float_dtype: str, num_laye
         def probe(x, layers):
             for w in layers:
                 q = dot(x, w["wq"])
-                x = x + dot(q, w["wo"]) + dot(x, w["wk"]).sum(-1, keepdims=True) + dot(x, w["wv"]).mean(-1, keepdims=True)
+                x = (x + dot(q, w["wo"]) + dot(x, w["wk"]).sum(-1, keepdims=True)
+                     + dot(x, w["wv"]).mean(-1, keepdims=True))
                 x = x + dot(jax.nn.silu(dot(x, w["w_gate"])) * dot(x, w["w_up"]), w["w_down"])
             return x
         return jax.jit(probe, compiler_options=dict(options) or None)

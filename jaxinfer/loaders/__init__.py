@@ -43,7 +43,8 @@ def load_params(checkpoint: Checkpoint, dtype, *, head_dtype=None, quantization=
     start = time.perf_counter()
     params = checkpoint.load(dtype, head_dtype, quantization)
     if verbose:
-        print(f"[jaxinfer] loaded {checkpoint.config.name or checkpoint.path}: {describe_weights(checkpoint.config, params)} "
+        name = checkpoint.config.name or checkpoint.path
+        print(f"[jaxinfer] loaded {name}: {describe_weights(checkpoint.config, params)} "
               f"in {time.perf_counter() - start:.1f}s", flush=True)
     return params
 

@@ -28,7 +28,6 @@ import dataclasses
 import functools
 
 import jax.numpy as jnp
-from jax import lax
 
 from jaxinfer.quantization.weight import QuantizedWeight, QuantLayout, unpack_codes
 
