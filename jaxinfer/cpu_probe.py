@@ -150,11 +150,13 @@ class QuantChoice:
     cached: bool = False
 
 
-def _plan(seconds: dict, prefix: str, grouped: bool):
-    """The fastest formulation of one candidate per probed row count, as a QuantMatmulPlan, and its seconds."""
-    from jaxinfer.quantization.xla_matmul import QuantMatmulPlan
+def _plan(seconds: dict, prefix: str, grouped: bool, w8a8: bool = False):
+    """The fastest formulation of one candidate per probed row count, as a QuantMatmulPlan, and its seconds.
+    Formulations that quantize the activations (W8A8) compete only with `w8a8`."""
+    from jaxinfer.quantization.xla_matmul import ACTIVATION_QUANTIZING, QuantMatmulPlan
 
-    forms = [k for k in seconds if k.startswith(prefix + ":")]
+    forms = [k for k in seconds if k.startswith(prefix + ":")
+             and (w8a8 or k.split(":", 1)[1] not in ACTIVATION_QUANTIZING)]
     rows = sorted(seconds["float"])
     best = {r: min(forms, key=lambda f: seconds[f][r]) for r in rows}
     # a probed row count's winner serves every row count up to the geometric middle to the next probed one
@@ -164,11 +166,14 @@ def _plan(seconds: dict, prefix: str, grouped: bool):
     return plan, {r: seconds[best[r]][r] for r in rows}, best
 
 
-def decide_quant(seconds: dict, grouped: bool, float_bytes: int, available_bytes: int | None) -> QuantChoice:
+def decide_quant(seconds: dict, grouped: bool, float_bytes: int, available_bytes: int | None,
+                 w8a8: bool = False) -> QuantChoice:
     """What to do with a packed model's layer weights, from measured seconds per probe call (pure; unit-tested).
-    `grouped`: the loaded packing has several groups per column (int8 re-quantization is then a candidate)."""
+    `grouped`: the loaded packing has several groups per column (int8 re-quantization is then a candidate).
+    `w8a8`: formulations that quantize activations to int8 may be chosen (they change the model's outputs:
+    docs/QUANTIZATION.md)."""
     rows = sorted(seconds["float"])
-    plan, packed, best = _plan(seconds, "packed", grouped)
+    plan, packed, best = _plan(seconds, "packed", grouped, w8a8)
     show = lambda t, b: ", ".join(f"{r} rows {b[r].split(':', 1)[1]} {t[r] / seconds['float'][r]:.2f}x" for r in rows)
     if available_bytes is not None and float_bytes > MEMORY_SHARE * available_bytes:
         return QuantChoice("packed", plan, f"float weights ({float_bytes / 2**30:.1f} GiB) would take more than "
@@ -178,7 +183,7 @@ def decide_quant(seconds: dict, grouped: bool, float_bytes: int, available_bytes
         return QuantChoice("packed", plan, f"packed matmuls take {show(packed, best)} the float time", seconds)
     why = f"packed matmuls are slower than float ones here ({show(packed, best)} the float time)"
     if any(k.startswith("int8:") for k in seconds):
-        _, int8, int8_best = _plan(seconds, "int8", False)
+        _, int8, int8_best = _plan(seconds, "int8", False, w8a8)
         if fits(int8):
             return QuantChoice("int8", plan, f"{why}; re-quantized to int8 per channel they take "
                                              f"{show(int8, int8_best)}", seconds)
@@ -245,7 +250,7 @@ def measure_quant_matmul(shapes: dict, layouts: dict, float_dtype: str, num_laye
 
 
 def choose_quant_matmul(config, packing, float_dtype: str, cache_dir: str | None = None,
-                        measure=measure_quant_matmul) -> QuantChoice:
+                        measure=measure_quant_matmul, w8a8: bool = False) -> QuantChoice:
     """How a packed model's layer weights run on this CPU (`packing`: (spec key, QuantLayout) pairs, as
     `packing_of(params)` gives): packed as loaded, re-quantized to int8 per channel, or expanded to float
     (`float_dtype`), and the XLA formulation per row count. Probed at the model's layer shapes with its own
@@ -272,7 +277,8 @@ def choose_quant_matmul(config, packing, float_dtype: str, cache_dir: str | None
         entries[key] = {"signature": signature, "seconds": seconds}
         _write_json(path, entries)
     float_bytes = jnp_itemsize(float_dtype) * config.num_params
-    return dataclasses.replace(decide_quant(seconds, grouped, float_bytes, _available_memory()), cached=cached)
+    return dataclasses.replace(decide_quant(seconds, grouped, float_bytes, _available_memory(), w8a8),
+                               cached=cached)
 
 
 def jnp_itemsize(dtype: str) -> int:

@@ -63,9 +63,10 @@ class EngineArgs:
         True, "launch step N+1 before reading step N's tokens (one step in flight); off: synchronous steps")
     attention_backend: str | None = _opt(None, "attention implementation; default: pallas on GPU, xla elsewhere",
                                          choices=("xla", "pallas", "pallas_interpret", "reference"))
-    matmul_backend: str | None = _opt(None, "quantized matmul implementation; default: pallas on GPU, xla "
-                                      "elsewhere (an XLA formulation per row count, measured once per CPU)",
-                                      choices=("xla", "pallas", "pallas_interpret"))
+    matmul_backend: str | None = _opt(
+        None, "quantized matmul implementation; default: pallas on GPU, xla elsewhere (an exact XLA formulation "
+        "per row count, measured once per CPU); xla_w8a8 also lets it quantize activations to int8 (faster "
+        "int8 x int8 dots on CPU, outputs differ)", choices=("xla", "xla_w8a8", "pallas", "pallas_interpret"))
     compilation_cache_dir: str | None = _opt(
         None, "persistent XLA compilation cache; default: ~/.cache/jaxinfer/xla (env JAXINFER_COMPILATION_CACHE)")
     max_waiting_requests: int = _opt(

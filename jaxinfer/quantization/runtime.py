@@ -40,6 +40,8 @@ def default_matmul_backend(backend: str) -> str:
 def prepare_packed_weights(config, params, *, backend: str, quantization: str | None, matmul_backend: str | None,
                            float_dtype, head_dtype) -> PackedRuntime:
     matmul_backend = matmul_backend or default_matmul_backend(backend)
+    w8a8 = matmul_backend == "xla_w8a8"  # XLA, and formulations that quantize activations may be chosen
+    matmul_backend = "xla" if w8a8 else matmul_backend
     packing = packing_of(params)
     if not packing or matmul_backend != "xla":
         return PackedRuntime(params, matmul_backend)
@@ -49,7 +51,7 @@ def prepare_packed_weights(config, params, *, backend: str, quantization: str | 
     if quantization not in (None, "packed"):  # the user chose the packing (int8 / int4): run it as loaded
         from jaxinfer.cpu_probe import choose_quant_matmul
 
-        choice = choose_quant_matmul(config, packing, jnp.dtype(float_dtype).name)
+        choice = choose_quant_matmul(config, packing, jnp.dtype(float_dtype).name, w8a8=w8a8)
         return PackedRuntime(params, matmul_backend, choice.plan, options,
                              f"XLA formulations for the packed weights: {choice.plan.describe()}")
     from jaxinfer.cpu_probe import choose_quant_matmul
@@ -61,7 +63,7 @@ def prepare_packed_weights(config, params, *, backend: str, quantization: str | 
         head_note = f"{' and '.join(expanded)} expanded to {jnp.dtype(head_dtype).name}; " if expanded else ""
         if not packing:
             return PackedRuntime(params, matmul_backend, None, None, head_note.rstrip("; "))
-    choice = choose_quant_matmul(config, packing, jnp.dtype(float_dtype).name)
+    choice = choose_quant_matmul(config, packing, jnp.dtype(float_dtype).name, w8a8=w8a8)
     why = f"{choice.reason}{' (cached measurement)' if choice.cached else ''}"
     action = "packed" if quantization == "packed" else choice.action
     if action == "float":
@@ -70,7 +72,8 @@ def prepare_packed_weights(config, params, *, backend: str, quantization: str | 
                              "quantization='packed' keeps them packed")
     if action == "int8":
         params = transcode_int8(config, params)
-        choice = choose_quant_matmul(config, packing_of(params), jnp.dtype(float_dtype).name)
+        choice = choose_quant_matmul(config, packing_of(params), jnp.dtype(float_dtype).name,
+                                     w8a8=w8a8)
         return PackedRuntime(params, matmul_backend, choice.plan, options,
                              f"{head_note}layer weights re-quantized to int8 per channel: {why}; quantization='packed' "
                              f"keeps the checkpoint's packing; XLA formulations: {choice.plan.describe()}")
