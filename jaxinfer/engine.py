@@ -31,10 +31,9 @@ class LLMEngine:
         self.args = args
         path = resolve_model(args.model)
         tokenizer_source = args.tokenizer or (None if path.startswith("random:") else path)  # random weights: none
-        # first: a bad checkpoint is reported as such, not as a bad tokenizer
-        config, params, packed = load_model(args)
+        model = load_model(args)  # first: a bad checkpoint is reported as such, not as a bad tokenizer
         self.tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
-        self.core = EngineCore(args, config, params, self.tokenizer.eos_token_ids if self.tokenizer else (), packed)
+        self.core = EngineCore(args, model, self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.processor = InputProcessor(self.tokenizer, vocab_size=self.config.vocab_size,
                                         max_model_len=self.core.max_model_len, max_num_seqs=args.max_num_seqs,
                                         max_num_batched_tokens=args.max_num_batched_tokens)
@@ -48,6 +47,11 @@ class LLMEngine:
     @property
     def runner(self):
         return self.core.runner
+
+    @property
+    def is_follower(self) -> bool:
+        """A multi-process run's process other than 0: it only made process 0's device calls."""
+        return self.core.is_follower
 
     @property
     def scheduler(self):

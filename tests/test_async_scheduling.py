@@ -59,8 +59,8 @@ def test_async_and_sync_scheduling_give_the_same_outputs(llm, sync_llm, tokenize
 
 
 def _record_launches_and_fetches(runner, monkeypatch) -> list[tuple[str, object]]:
-    """(event, handle) in call order. The handles themselves are kept, not their id(): a freed handle's id is
-    reused by a later one, which made the order check fail at random."""
+    # The handles themselves are kept (not their id()s): a freed handle's id can be reused by a later one, which
+    # would mix up whose launch and fetch are whose.
     events: list[tuple[str, object]] = []
     launch, fetch = runner.launch, runner.fetch
 
@@ -80,11 +80,9 @@ def _record_launches_and_fetches(runner, monkeypatch) -> list[tuple[str, object]
 
 def _launched_before_previous_was_read(events) -> list[bool]:
     """For each launch after the first: was it issued before the previous launch's results were fetched?"""
-    def index(kind, handle):
-        return next(i for i, (k, h) in enumerate(events) if k == kind and h is handle)
-
     handles = [h for kind, h in events if kind == "launch"]
-    return [index("launch", nxt) < index("fetch", prev) for prev, nxt in zip(handles, handles[1:])]
+    position = {(kind, id(h)): i for i, (kind, h) in enumerate(events)}  # every handle is alive: ids are unique
+    return [position[("launch", id(nxt))] < position[("fetch", id(prev))] for prev, nxt in zip(handles, handles[1:])]
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])  # penalties count the in-flight token on device
@@ -111,7 +109,7 @@ def test_abort_and_stop_with_a_step_in_flight_leave_no_blocks(llm, tokenizer):
     outputs = {}
     for _ in range(4):
         outputs.update((o.request_id, o) for o in engine.step())
-    assert engine._inflight is not None  # the abort below lands while a step is on the device
+    assert engine.core.step_in_flight  # the abort below lands while a step is on the device
     engine.abort_request(drop)
     while engine.has_unfinished_requests():
         outputs.update((o.request_id, o) for o in engine.step())

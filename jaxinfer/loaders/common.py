@@ -2,7 +2,8 @@
 
 Every source format (safetensors, GGUF, ...) only has to provide `get(hf_name)`: a float array in HF layout
 (linear weights `[out, in]`) or a packed `QuantizedWeight`; this module checks, converts and places each one
-once, with progress.
+once, with progress. Where a tensor goes is the caller's `place` hook: by default the default device;
+`ShardingPlan.place` sends each device only its slice of the tensor (packed leaves included).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class Checkpoint:
     dtypes (or, later, shardings) from the config before any tensor is read."""
     path: str
     config: ModelConfig
-    load: Callable  # (dtype, head_dtype=None, quantization=None) -> weight pytree
+    load: Callable  # (dtype, head_dtype=None, quantization=None, place=None) -> weight pytree
 
 
 def read_json(file: str) -> dict:
@@ -63,7 +64,7 @@ def build_params(config: ModelConfig, get: Callable[[str], object], dtype, desc:
     puts each converted value on device (default: the default device)."""
     check_mode(quantization)
     head_dtype = head_dtype or dtype
-    place = place or _place_on_default_device
+    place = place or default_place
     params: dict = {}
     for spec in tqdm(model_specs(config), desc=desc, unit="tensor", disable=_quiet()):
         value = _fetch(get, spec)
@@ -94,7 +95,8 @@ def _check_shape(spec: ParamSpec, value) -> None:
                               f"{spec.hf_shape}")
 
 
-def _place_on_default_device(spec: ParamSpec, value):
+def default_place(spec: ParamSpec, value):
+    """The whole tensor (every leaf of a packed one) on the default device."""
     return jax.tree.map(jnp.asarray, value)
 
 
@@ -104,7 +106,7 @@ def params_nbytes(params) -> int:
 
 
 def random_params(config: ModelConfig, dtype, seed: int = 0, scale: float = 0.02, head_dtype=None,
-                  quantization: str | None = None):
+                  quantization: str | None = None, place=None):
     """Random weights with a model's true shapes (benchmarks and planning without a checkpoint)."""
     rng = np.random.default_rng(seed)
 
@@ -114,7 +116,8 @@ def random_params(config: ModelConfig, dtype, seed: int = 0, scale: float = 0.02
             return np.ones(shape, np.float32)
         return (rng.standard_normal(shape, dtype=np.float32) * scale)
 
-    return build_params(config, get, dtype, desc="random weights", head_dtype=head_dtype, quantization=quantization)
+    return build_params(config, get, dtype, desc="random weights", head_dtype=head_dtype, quantization=quantization,
+                        place=place)
 
 
 def _quiet() -> bool:

@@ -156,12 +156,12 @@ def open_gguf_checkpoint(path: str) -> Checkpoint:
     reader = open_gguf(path)
     config = config_from_gguf(reader, name=os.path.basename(path))
 
-    def load(dtype, head_dtype=None, quantization=None):
+    def load(dtype, head_dtype=None, quantization=None, place=None):
         try:
             # Float weights wanted: dequantize with gguf's own code (what HF transformers does too)
             get = gguf_tensor_getter(reader, config, packed=quantization in (None, "packed"))
             return build_params(config, get, dtype, desc=f"loading {os.path.basename(path)}",
-                                head_dtype=head_dtype, quantization=quantization)
+                                head_dtype=head_dtype, quantization=quantization, place=place)
         except (ValueError, IndexError) as e:
             if isinstance(e, CheckpointError):
                 raise

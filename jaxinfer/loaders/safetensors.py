@@ -33,12 +33,12 @@ def open_safetensors(path: str) -> Checkpoint:
     config = ModelConfig.from_hf_config(hf_config, name=os.path.basename(model_dir))
     quant = parse_quantization_config(hf_config)  # GPTQ / AWQ: refused settings fail here, before any tensor
 
-    def load(dtype, head_dtype=None, quantization=None):
+    def load(dtype, head_dtype=None, quantization=None, place=None):
         start = time.perf_counter()
         with _TensorSource(model_dir) as source:
             get = source.get if quant is None else packed_getter(source.get, source.has, quant)
             params = build_params(config, get, dtype, desc=f"loading {os.path.basename(model_dir)}",
-                                  head_dtype=head_dtype, quantization=quantization)
+                                  head_dtype=head_dtype, quantization=quantization, place=place)
         if os.environ.get("JAXINFER_QUIET", "") != "1":
             print(f"loaded {params_nbytes(params) / 2**20:.1f} MiB from {len(source.files)} safetensors file(s) "
                   f"in {time.perf_counter() - start:.2f}s")

@@ -61,7 +61,7 @@ def convert(spec: ParamSpec, value, dtype, mode: str | None):
     if requantize:
         return quantize(np.asarray(value, np.float32), **quantize_arguments(mode, value.shape[0], spec.key),
                         scale_dtype=jnp.float32)
-    return np.asarray(value, np.float32).astype(jnp.dtype(dtype))
+    return np.asarray(value, np.float32).astype(jnp.dtype(dtype), order="C")  # C order: placement slices it
 
 
 def convert_built(params, config, dtype, head_dtype, mode: str | None):

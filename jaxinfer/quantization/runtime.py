@@ -38,14 +38,16 @@ def default_matmul_backend(backend: str) -> str:
 
 
 def prepare_packed_weights(config, params, *, backend: str, quantization: str | None, matmul_backend: str | None,
-                           float_dtype, head_dtype) -> PackedRuntime:
+                           float_dtype, head_dtype, probe: bool = True) -> PackedRuntime:
+    """How `params` run here (see the module docstring). probe=False: no per-machine measurement (processes of
+    a multi-process run must compile the same program): packed weights as loaded, XLA "dequantize"."""
     matmul_backend = matmul_backend or default_matmul_backend(backend)
     w8a8 = matmul_backend == "xla_w8a8"  # XLA, and formulations that quantize activations may be chosen
     matmul_backend = "xla" if w8a8 else matmul_backend
     packing = packing_of(params)
     if not packing or matmul_backend != "xla":
         return PackedRuntime(params, matmul_backend)
-    if backend != "cpu":
+    if backend != "cpu" or not probe:
         return PackedRuntime(params, matmul_backend, QuantMatmulPlan())
     options = dict(cpu_compiler_options())
     if quantization not in (None, "packed"):  # the user chose the packing (int8 / int4): run it as loaded
