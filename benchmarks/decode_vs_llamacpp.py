@@ -4,11 +4,13 @@ this shared machine hit every entry alike), and the bytes each reads per token a
 measured in the same run.
 
     python benchmarks/decode_vs_llamacpp.py [--server /work/llamacpp/build/bin/llama-server] [--tokens 128]
-        [--runs 5] [--variants default,packed,bf16]
+        [--runs 5] [--variants default,int8,int8-w8a8,bf16]
 
 Variants (EngineArgs): "default" (quantization=None: the engine's CPU choice for a packed checkpoint,
 jaxinfer.quantization.runtime), "packed" (the Q4_1 / Q8_0 blocks as stored), "int8" (layer weights re-quantized
-to int8 per channel from the file's blocks), "bf16" / "f32" (expanded to float). Decode tok/s is tokens after the
+to int8 per channel from the file's blocks, exact weight-only formulation), "int8-w8a8" (the same weights through
+int8 x int8 dots with activations quantized per row: matmul_backend="xla_w8a8"), "bf16" / "f32" (expanded to
+float). Decode tok/s is tokens after the
 first over the time after the first, streaming one greedy request of --tokens tokens (ignore_eos) after the same
 prompt; llama.cpp's is its own `timings.predicted_per_second` (2 threads, no polling, no prompt cache).
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, REPO_ROOT)
 
 DEFAULT_SERVER = "/work/llamacpp/build/bin/llama-server"
 VARIANTS = {"default": dict(), "packed": dict(quantization="packed"), "int8": dict(quantization="int8"),
+            "int8-w8a8": dict(quantization="int8", matmul_backend="xla_w8a8"),
             "bf16": dict(weight_dtype="bfloat16"), "f32": dict(weight_dtype="float32")}
 
 
@@ -107,7 +110,7 @@ def decode_tok_s(llm, prompt_ids: list[int], n: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", default=DEFAULT_SERVER)
-    p.add_argument("--variants", default="default,packed,bf16")
+    p.add_argument("--variants", default="default,int8,int8-w8a8,bf16")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=5)
