@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=cmd_convert)
 
     from jaxinfer.planner.cli import add_plan_args, add_profile_args
+    from jaxinfer.quantization.cli import add_eval_args, add_quantize_args
     add_plan_args(sub), add_profile_args(sub)
+    add_quantize_args(sub), add_eval_args(sub)
     sub.add_parser("serve", add_help=False, help="gRPC + OpenAI HTTP server (serve/launch.py; jaxinfer serve --help)")
     return parser
 

@@ -1,4 +1,5 @@
-"""Per-machine CPU defaults, chosen by measuring this machine: the layer-weight dtype.
+"""Per-machine CPU defaults, chosen by measuring this machine: the layer-weight dtype, and for packed
+(quantized) weights which XLA formulation runs each matmul and whether packed beats float at all.
 
 XLA CPU's bf16 x bf16 -> f32 dot runs at 1.4-2x the f32 rate on CPUs with AVX-512 (and avx512_bf16), but on
 AVX2-only CPUs it is no faster at batch and up to 1.4x slower at the one or two rows of single-stream decode
@@ -129,6 +130,161 @@ def choose_weight_dtype(config, cache_dir: str | None = None, measure=measure_we
         entries[key] = {"signature": signature, "seconds": seconds}
         _write_json(path, entries)
     return dataclasses.replace(decide(seconds, 4 * config.num_params, _available_memory()), cached=cached)
+
+
+# ------------------------------------------------------------------------------- packed (quantized) weights
+# A packed checkpoint is run packed by default when that is at most this much slower than float weights at every
+# probed row count (it also holds 2-8x less memory). Otherwise its layer weights are re-quantized to int8 per
+# channel when *that* passes the same test (their error is a small fraction of the checkpoint's own), and only
+# then expanded to float.
+PACKED_MARGIN = 1.05
+INT8_LAYOUT = ("int8", 8, "float32")  # what `transcode` produces: tag, bits, scale dtype (one group, symmetric)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantChoice:
+    action: str                     # "packed" (as loaded) | "int8" (re-quantize layer weights) | "float"
+    plan: "object"                  # QuantMatmulPlan (jaxinfer.quantization.xla_matmul) for the weights as loaded
+    reason: str
+    seconds: dict | None = None     # {"float": {rows: s}, "packed:<formulation>": ..., "int8:<formulation>": ...}
+    cached: bool = False
+
+
+def _plan(seconds: dict, prefix: str, grouped: bool, w8a8: bool = False):
+    """The fastest formulation of one candidate per probed row count, as a QuantMatmulPlan, and its seconds.
+    Formulations that quantize the activations (W8A8) compete only with `w8a8`."""
+    from jaxinfer.quantization.xla_matmul import ACTIVATION_QUANTIZING, QuantMatmulPlan
+
+    forms = [k for k in seconds if k.startswith(prefix + ":")
+             and (w8a8 or k.split(":", 1)[1] not in ACTIVATION_QUANTIZING)]
+    rows = sorted(seconds["float"])
+    best = {r: min(forms, key=lambda f: seconds[f][r]) for r in rows}
+    # a probed row count's winner serves every row count up to the geometric middle to the next probed one
+    bounds = [int((a * b) ** 0.5) for a, b in zip(rows, rows[1:])] + [2**31]
+    table = tuple((bound, best[r].split(":", 1)[1]) for bound, r in zip(bounds, rows))
+    plan = QuantMatmulPlan(grouped=table) if grouped else QuantMatmulPlan(per_channel=table)
+    return plan, {r: seconds[best[r]][r] for r in rows}, best
+
+
+def decide_quant(seconds: dict, grouped: bool, float_bytes: int, available_bytes: int | None,
+                 w8a8: bool = False) -> QuantChoice:
+    """What to do with a packed model's layer weights, from measured seconds per probe call (pure; unit-tested).
+    `grouped`: the loaded packing has several groups per column (int8 re-quantization is then a candidate).
+    `w8a8`: formulations that quantize activations to int8 may be chosen (they change the model's outputs:
+    docs/QUANTIZATION.md)."""
+    rows = sorted(seconds["float"])
+    plan, packed, best = _plan(seconds, "packed", grouped, w8a8)
+    show = lambda t, b: ", ".join(f"{r} rows {b[r].split(':', 1)[1]} {t[r] / seconds['float'][r]:.2f}x" for r in rows)
+    if available_bytes is not None and float_bytes > MEMORY_SHARE * available_bytes:
+        return QuantChoice("packed", plan, f"float weights ({float_bytes / 2**30:.1f} GiB) would take more than "
+                                           f"{MEMORY_SHARE:.0%} of available memory", seconds)
+    fits = lambda t: all(t[r] <= PACKED_MARGIN * seconds["float"][r] for r in rows)
+    if fits(packed):
+        return QuantChoice("packed", plan, f"packed matmuls take {show(packed, best)} the float time", seconds)
+    why = f"packed matmuls are slower than float ones here ({show(packed, best)} the float time)"
+    if any(k.startswith("int8:") for k in seconds):
+        _, int8, int8_best = _plan(seconds, "int8", False, w8a8)
+        if fits(int8):
+            return QuantChoice("int8", plan, f"{why}; re-quantized to int8 per channel they take "
+                                             f"{show(int8, int8_best)}", seconds)
+    return QuantChoice("float", plan, why, seconds)
+
+
+def measure_quant_matmul(shapes: dict, layouts: dict, float_dtype: str, num_layers: int, rows=PROBE_ROWS,
+                         runs: int = 5, transcode: bool = True) -> dict:
+    """Median seconds of the decoder-layer matmul chain of `measure_weight_dtypes`: once with float weights
+    (`float_dtype`, plain XLA options), once per applicable XLA formulation with packed weights of the model's
+    own packing (`layouts`: name -> QuantLayout), and with `transcode` once per formulation of int8 per-channel
+    weights; packed chains compile with `cpu_compiler_options()`, as the engine does."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.quantization.weight import QuantLayout
+    from jaxinfer.quantization.xla_matmul import FORMULATIONS, applicable, cpu_compiler_options, xla_quant_matmul
+
+    layer_bytes = 4 * sum(i * o for i, o in shapes.values())
+    count = int(min(num_layers, max(1, PROBE_BYTES // layer_bytes)))
+
+    def packed_weight(layout, shape, i):
+        w = layout.zeros(shape)
+        fill = lambda a: None if a is None else jnp.full(a.shape, 1e-3 * (i + 1), a.dtype)
+        return dataclasses.replace(w, scales=fill(w.scales), offsets=fill(w.offsets))
+
+    def chain(dot, options):
+        def probe(x, layers):
+            for w in layers:
+                q = dot(x, w["wq"])
+                x = (x + dot(q, w["wo"]) + dot(x, w["wk"]).sum(-1, keepdims=True)
+                     + dot(x, w["wv"]).mean(-1, keepdims=True))
+                x = x + dot(jax.nn.silu(dot(x, w["w_gate"])) * dot(x, w["w_up"]), w["w_down"])
+            return x
+        return jax.jit(probe, compiler_options=dict(options) or None)
+
+    def time_chain(probe, layers):
+        out = {}
+        for m in rows:
+            x = jnp.ones((m, shapes["wq"][0]), jnp.float32)
+            probe(x, layers).block_until_ready()  # compile
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                probe(x, layers).block_until_ready()
+                times.append(time.perf_counter() - start)
+            out[m] = statistics.median(times)
+        return out
+
+    dtype = jnp.dtype(float_dtype)
+    layers = [{k: jnp.full(shape, 1e-3 * (i + 1), dtype) for k, shape in shapes.items()} for i in range(count)]
+    float_dot = lambda x, w: jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    result = {"float": time_chain(chain(float_dot, ()), layers)}
+    int8 = {k: QuantLayout(8, shapes[k][0], INT8_LAYOUT[2], None, False) for k in shapes}
+    for tag, lay in (("packed", layouts), ("int8", int8)):
+        if tag == "int8" and not transcode:
+            continue
+        layers = [{k: packed_weight(lay[k], shapes[k], i) for k in shapes} for i in range(count)]
+        for f in FORMULATIONS:
+            if all(applicable(f, lay[k], shapes[k][0]) for k in shapes):
+                op = lambda x, w, f=f: xla_quant_matmul(x, w, f)
+                result[f"{tag}:{f}"] = time_chain(chain(op, cpu_compiler_options()), layers)
+    return result
+
+
+def choose_quant_matmul(config, packing, float_dtype: str, cache_dir: str | None = None,
+                        measure=measure_quant_matmul, w8a8: bool = False) -> QuantChoice:
+    """How a packed model's layer weights run on this CPU (`packing`: (spec key, QuantLayout) pairs, as
+    `packing_of(params)` gives): packed as loaded, re-quantized to int8 per channel, or expanded to float
+    (`float_dtype`), and the XLA formulation per row count. Probed at the model's layer shapes with its own
+    packing (that of layers_0's weights), once per machine and cached like the weight dtype."""
+    from jaxinfer.quantization.xla_matmul import QuantMatmulPlan
+
+    shapes = layer_matmul_shapes(config)
+    layouts = {key.split("/")[-1]: layout for key, layout in packing if key.startswith("layers_0/")}
+    if set(layouts) != set(shapes):  # not every layer weight packed: nothing comparable to probe
+        return QuantChoice("packed", QuantMatmulPlan(), "only some layer weights are packed: kept as loaded")
+    grouped = any(layouts[k].group_size < shapes[k][0] for k in shapes)
+    transcode = grouped or any(v.bits != 8 for v in layouts.values())
+    signature = {**cpu_signature(), "shapes": sorted(shapes.items()), "num_layers": config.num_layers,
+                 "layouts": sorted((k, dataclasses.astuple(v)) for k, v in layouts.items()), "float": float_dtype,
+                 "transcode": transcode}
+    key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir or default_cache_dir(), "cpu_quant_matmul.json")
+    entries = _read_json(path)
+    cached = key in entries
+    if cached:
+        seconds = {f: {int(r): t for r, t in v.items()} for f, v in entries[key]["seconds"].items()}
+    else:
+        seconds = measure(shapes, layouts, float_dtype, config.num_layers, transcode=transcode)
+        entries[key] = {"signature": signature, "seconds": seconds}
+        _write_json(path, entries)
+    float_bytes = jnp_itemsize(float_dtype) * config.num_params
+    return dataclasses.replace(decide_quant(seconds, grouped, float_bytes, _available_memory(), w8a8),
+                               cached=cached)
+
+
+def jnp_itemsize(dtype: str) -> int:
+    import jax.numpy as jnp
+
+    return jnp.dtype(dtype).itemsize
 
 
 def default_cache_dir() -> str:

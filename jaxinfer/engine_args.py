@@ -19,6 +19,7 @@ from typing import Any
 from jaxinfer.registry import DEFAULT_MODEL
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATION_MODES = ("packed", "dequantize", "int8", "int4", "int4-g64", "int4-g32")  # jaxinfer.quantization.on_load
 
 
 def _opt(default, help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None,
@@ -35,6 +36,11 @@ class EngineArgs:
     weight_dtype: str | None = _opt(
         None, "stored weight dtype; default: bfloat16 on GPU/TPU, on CPU the faster of bfloat16 and float32 on "
         "this machine (measured once, cached); float32 for bit-level parity with HF fp32", choices=DTYPES)
+    quantization: str | None = _opt(
+        None, "packed (quantized) weights: default keeps a checkpoint's packing (GGUF Q4_0/Q4_1/Q8_0, GPTQ, AWQ) "
+        "where it runs at least as fast as float weights here (always on GPU), unless weight_dtype is given; "
+        "packed: always keep it; dequantize: expand to float; int8 (per channel) / int4 (groups of 128; "
+        "int4-g64, int4-g32) quantize the layer weights on load", choices=QUANTIZATION_MODES)
     kv_cache_dtype: str | None = _opt(None, "KV cache dtype; default: the activation dtype", choices=DTYPES)
     block_size: int = _opt(16, "tokens per KV cache block", minimum=1)
     num_kv_blocks: int | None = _opt(None, "number of KV cache blocks; overrides the memory budget", minimum=1)
@@ -58,8 +64,10 @@ class EngineArgs:
         True, "launch step N+1 before reading step N's tokens (one step in flight); off: synchronous steps")
     attention_backend: str | None = _opt(None, "attention implementation; default: pallas on GPU, xla elsewhere",
                                          choices=("xla", "pallas", "pallas_interpret", "reference"))
-    matmul_backend: str | None = _opt(None, "quantized matmul implementation; default: xla",
-                                      choices=("xla", "pallas", "pallas_interpret"))
+    matmul_backend: str | None = _opt(
+        None, "quantized matmul implementation; default: pallas on GPU, xla elsewhere (an exact XLA formulation "
+        "per row count, measured once per CPU); xla_w8a8 also lets it quantize activations to int8 (faster "
+        "int8 x int8 dots on CPU, outputs differ)", choices=("xla", "xla_w8a8", "pallas", "pallas_interpret"))
     compilation_cache_dir: str | None = _opt(
         None, "persistent XLA compilation cache; default: ~/.cache/jaxinfer/xla (env JAXINFER_COMPILATION_CACHE)")
     max_waiting_requests: int = _opt(

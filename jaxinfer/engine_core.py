@@ -33,8 +33,10 @@ from jaxinfer.engine_args import EngineArgs
 from jaxinfer.engine_io import EngineRequest, RequestDelta, SequenceDelta
 from jaxinfer.errors import InvalidRequestError, QueueFullError
 from jaxinfer.kv_budget import kv_budget_bytes, num_kv_blocks, resolve_max_model_len
-from jaxinfer.loaders import load_params, open_checkpoint
+from jaxinfer.loaders import load_params, open_checkpoint, params_nbytes
 from jaxinfer.model_runner import ModelRunner, StepHandle, enable_compilation_cache
+from jaxinfer.quantization.on_load import check_mode
+from jaxinfer.quantization.runtime import PackedRuntime, prepare_packed_weights
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxinfer.sequence import PENDING_TOKEN, Sequence, SequenceStatus
@@ -101,10 +103,12 @@ class LoadedModel:
     params: Any
     plan: ShardingPlan | None = None
     channel: distributed.Channel | None = None
+    packed: PackedRuntime | None = None  # how packed (quantized) weights run (jaxinfer.quantization.runtime)
 
 
 def load_model(args: EngineArgs) -> LoadedModel:
-    """`args.model`'s weights in the dtypes the core will run it at, placed on the mesh the args ask for."""
+    """`args.model`'s weights in the dtypes the core will run it at, placed on the mesh the args ask for, and how
+    packed (quantized) weights run on this backend (`jaxinfer.quantization.runtime`)."""
     # Before anything touches a device: a multi-process run joins jax.distributed first.
     channel = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     is_follower = channel is not None and not channel.is_leader
@@ -120,14 +124,25 @@ def load_model(args: EngineArgs) -> LoadedModel:
     # answers "What is the capital of France?" with "L'Étoile, la Marseillaise, ..." where HF fp32 says "The
     # capital of France is Paris."). It is one matrix, 0.06 GiB more for SmolLM2.
     head_dtype = max(weight_dtype, dtype, key=lambda d: jnp.dtype(d).itemsize)
+    quantization = check_mode(args.quantization)
+    # An explicit weight_dtype with no quantization asks for float weights: packed checkpoints are expanded too
+    on_load = "dequantize" if quantization is None and args.weight_dtype else quantization
     plan = None
     if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
         plan = ShardingPlan(checkpoint.config, make_mesh(args.tensor_parallel_size, args.pipeline_parallel_size))
         if args.verbose:
             print(f"[jaxinfer] {plan.describe()}", flush=True)
-    params = load_params(checkpoint, weight_dtype, head_dtype=head_dtype, verbose=args.verbose,
-                         place=plan.place if plan else None)
-    return LoadedModel(checkpoint.config, plan.finish(params) if plan else params, plan, channel)
+    params = load_params(checkpoint, weight_dtype, head_dtype=head_dtype, quantization=on_load,
+                         verbose=args.verbose, place=plan.place if plan else None)
+    # On a mesh packed weights run as placed: the CPU default's re-quantization / expansion would undo the layout
+    packed = prepare_packed_weights(checkpoint.config, params, backend=jax.default_backend(),
+                                    quantization=quantization or ("packed" if plan else None),
+                                    matmul_backend=args.matmul_backend, float_dtype=weight_dtype,
+                                    head_dtype=head_dtype, probe=channel is None)  # processes must agree
+    if args.verbose and packed.note:
+        print(f"[jaxinfer] {packed.note}; weights hold {params_nbytes(packed.params) / 2**30:.3f} GiB", flush=True)
+    params = packed.params
+    return LoadedModel(checkpoint.config, plan.finish(params) if plan else params, plan, channel, packed)
 
 
 class EngineCore:
@@ -141,6 +156,8 @@ class EngineCore:
         dtype, kv_dtype = _activation_dtypes(args)
         self.config, self.plan, channel = model.config, model.plan, model.channel
         self.is_follower = channel is not None and not channel.is_leader
+        self.packed = packed = model.packed  # how packed weights run (None: args.matmul_backend, no XLA plan)
+        self.weight_bytes = params_nbytes(model.params)  # what the devices hold: packed codes, scales and offsets
         self.eos_token_ids = set(self.config.eos_token_ids) | set(extra_eos_token_ids)
         self.max_model_len = resolve_max_model_len(self.config.max_position_embeddings, args.max_model_len)
         # One block's bytes on each device: its stage's layers and its shard's KV heads.
@@ -158,8 +175,9 @@ class EngineCore:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=self.max_model_len, kv_dtype=kv_dtype,
             attention_backend=args.attention_backend or default_attention_backend(),
-            matmul_backend=args.matmul_backend or "xla", dtype=dtype, plan=self.plan,
-            num_microbatches=args.pipeline_microbatches, channel=channel)
+            matmul_backend=packed.matmul_backend if packed else args.matmul_backend or "xla",
+            quant_plan=packed.plan if packed else None, compiler_options=packed.compiler_options if packed else None,
+            dtype=dtype, plan=self.plan, num_microbatches=args.pipeline_microbatches, channel=channel)
         if channel is not None:
             channel.release_at_exit(self.runner)
         if self.is_follower:  # make process 0's device calls until it exits; this core takes no requests
@@ -420,7 +438,8 @@ class EngineCore:
         m = dict(self.scheduler.metrics())
         s = self.stats
         m.update(num_requests=s.num_requests, num_generated_tokens=s.num_generation_tokens,
-                 num_prompt_tokens=s.num_prompt_tokens, num_compiled_step_variants=self.runner.num_compiled())
+                 num_prompt_tokens=s.num_prompt_tokens, num_compiled_step_variants=self.runner.num_compiled(),
+                 weight_bytes=self.weight_bytes)
         return m
 
     def warmup(self, param_variants=None, token_counts=None) -> float:

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.quantization.weight import QuantizedWeight, QuantLayout
+from jaxinfer.quantization.xla_matmul import QuantMatmulPlan, xla_quant_matmul
 
 
 def rms_norm(x, weight, eps: float):
@@ -23,17 +25,25 @@ def dot_in_weight_dtype(x, w):
     return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def linear(x, w, bias=None, *, matmul_backend: str = "xla"):
-    """y = x @ w (+ bias). `w` is a plain [in, out] array or a packed `jaxinfer.quantization.QuantizedWeight`."""
-    if isinstance(w, jax.Array) or isinstance(w, np.ndarray):
-        y = dot_in_weight_dtype(x, w)
-    else:
-        from pallas_kernels.quant_matmul import quant_matmul, reference_quant_matmul
+MATMUL_BACKENDS = ("xla", "pallas", "pallas_interpret")
 
-        if matmul_backend == "xla":
-            y = reference_quant_matmul(x, w).astype(x.dtype)
-        else:
-            y = quant_matmul(x, w, interpret=matmul_backend == "pallas_interpret").astype(x.dtype)
+
+def linear(x, w, bias=None, *, matmul_backend: str = "xla", quant_plan: QuantMatmulPlan | None = None):
+    """y = x @ w (+ bias). `w` is a plain [in, out] array or a packed `QuantizedWeight`, which runs through the
+    Pallas kernel (`matmul_backend="pallas"`, GPU; "pallas_interpret" runs it in interpret mode anywhere) or an
+    XLA formulation chosen by `quant_plan` for this call's row count (`jaxinfer.quantization.xla_matmul`)."""
+    if not isinstance(w, QuantizedWeight):
+        y = dot_in_weight_dtype(x, w)
+    elif matmul_backend == "xla":
+        rows = math.prod(x.shape[:-1])
+        formulation = (quant_plan or QuantMatmulPlan()).pick(rows, QuantLayout.of(w), w.shape[0])
+        y = xla_quant_matmul(x, w, formulation)
+    elif matmul_backend in ("pallas", "pallas_interpret"):
+        from pallas_kernels.quant_matmul import quant_matmul
+
+        y = quant_matmul(x, w, interpret=matmul_backend == "pallas_interpret").astype(x.dtype)
+    else:
+        raise ValueError(f"unknown matmul_backend {matmul_backend!r} (known: {MATMUL_BACKENDS})")
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y

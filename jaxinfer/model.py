@@ -24,6 +24,8 @@ from jaxinfer.batch import StepBatch
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import apply_rope, linear, rms_norm, rope_inv_freq, rope_tables
 from jaxinfer.params import Kind, global_specs, layer_specs
+from jaxinfer.quantization.weight import QuantizedWeight, dequantize_columns
+from jaxinfer.quantization.xla_matmul import QuantMatmulPlan
 
 class ShardAxes(NamedTuple):
     """The mesh axes a shard's collectives run over (inside shard_map); the defaults are one whole model."""
@@ -55,13 +57,15 @@ class DecoderLayer(nn.Module):
     matmul_backend: str
     packing: tuple = ()  # ((name, QuantLayout), ...): this layer's packed weights
     tensor_axis: str | None = None  # tensor parallelism: the mesh axis o and down projections are summed over
+    quant_plan: QuantMatmulPlan | None = None  # XLA formulation per row count for packed weights
 
     @nn.compact
     def __call__(self, x, kv, batch: StepBatch, cos, sin, plan):
         c = self.config
         hd, h, kvh = c.head_dim, c.num_heads, c.num_kv_heads
         w = _declare(self, layer_specs(c, self.layer), self.dtype, dict(self.packing))
-        lin = lambda v, name, bias=None: linear(v, w[name], w.get(bias), matmul_backend=self.matmul_backend)
+        lin = lambda v, name, bias=None: linear(v, w[name], w.get(bias), matmul_backend=self.matmul_backend,
+                                                quant_plan=self.quant_plan)
 
         hn = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
         t = x.shape[0]
@@ -92,6 +96,7 @@ class LlamaModel(nn.Module):
     matmul_backend: str = "xla"
     packing: tuple = ()  # ((spec key, QuantLayout), ...), e.g. (("layers_0/wq", layout), ...): packed weights
     axes: ShardAxes = ShardAxes()
+    quant_plan: QuantMatmulPlan | None = None  # XLA formulation per row count for packed weights (cpu_probe)
 
     @nn.compact
     def __call__(self, kv_cache, batch: StepBatch, all_logits: bool = False):
@@ -104,7 +109,8 @@ class LlamaModel(nn.Module):
         new_cache = []
         for i in range(c.num_layers):
             layer = DecoderLayer(c, i, self.dtype, self.attention_backend, self.matmul_backend,
-                                 layer_packing(self.packing, i), self.axes.tensor, name=f"layers_{i}")
+                                 layer_packing(self.packing, i), self.axes.tensor, quant_plan=self.quant_plan,
+                                 name=f"layers_{i}")
             x, kv = layer(x, kv_cache[i], batch, cos, sin, plan)
             new_cache.append(kv)
         if not all_logits:
@@ -131,9 +137,6 @@ def embed_tokens(w: dict, token_ids, config: ModelConfig, dtype, axes: ShardAxes
     """[T, hidden] embeddings. Vocab-parallel (axes.vocab): each shard looks up the ids in its slice of the
     vocabulary, zeros for the others, and one all-reduce adds the slices up."""
     lm_head = w["lm_head"]
-    if config.tie_word_embeddings and not isinstance(lm_head, jax.Array):
-        raise ValueError("a tied-embedding model needs a plain lm_head array (the token lookup gathers its "
-                         f"columns), got {type(lm_head).__name__}")
     table_rows = lm_head.shape[1] if config.tie_word_embeddings else w["embed"].shape[0]
     ids, inside = token_ids, None
     if axes.vocab:
@@ -142,8 +145,12 @@ def embed_tokens(w: dict, token_ids, config: ModelConfig, dtype, axes: ShardAxes
         ids = jnp.where(inside, ids, 0)
     if config.tie_word_embeddings:
         # Tied models keep only the LM head's [hidden, vocab] layout: XLA CPU's bf16 dot is ~10x slower on a
-        # transposed [vocab, hidden] operand, while gathering T columns for the lookup costs little.
-        x = _gather_columns(lm_head, ids).astype(dtype)
+        # transposed [vocab, hidden] operand, while gathering T columns for the lookup costs little. A packed
+        # head dequantizes only the gathered columns.
+        if isinstance(lm_head, QuantizedWeight):
+            x = dequantize_columns(lm_head, ids, dtype)
+        else:
+            x = _gather_columns(lm_head, ids).astype(dtype)
     else:
         x = w["embed"][ids].astype(dtype)
     if axes.vocab:
@@ -155,6 +162,7 @@ def final_logits(w: dict, x, config: ModelConfig, axes: ShardAxes = ShardAxes(),
     """Final norm and LM head: f32 logits [rows, V] (this shard's vocabulary slice when vocab-parallel; ids past
     a padded vocabulary's real size get -inf)."""
     x = rms_norm(x, w["final_norm"], config.rms_norm_eps)
+    # a packed head runs the "dequantize" formulation on XLA: f32 activations, exact weights
     logits = linear(x.astype(jnp.float32), w["lm_head"], matmul_backend=matmul_backend)
     if axes.vocab_size:
         local = logits.shape[-1]

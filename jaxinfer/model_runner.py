@@ -83,10 +83,12 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, kv_dtype, attention_backend: str,
                  matmul_backend: str, dtype, plan: ShardingPlan | None = None, num_microbatches: int | None = None,
-                 channel=None):
+                 channel=None, quant_plan=None, compiler_options: dict | None = None):
         """plan: lay the model out on a mesh (params must be placed by it: `plan.place` / `plan.shard_params`).
         num_microbatches: micro-batches per step with pipeline stages (default: one per stage). channel: a
-        `distributed.Channel` of a multi-process run; process 0 sends every device call through it."""
+        `distributed.Channel` of a multi-process run; process 0 sends every device call through it.
+        quant_plan / compiler_options: how packed weights run (`jaxinfer.quantization.runtime`): the XLA
+        formulation per row count and the XLA options the forward compiles with."""
         self.config = config
         self.params = params
         self.plan = plan
@@ -109,11 +111,13 @@ class ModelRunner:
             self.kv_cache = init_kv_cache(config, num_blocks, block_size, kv_dtype, attention_backend)
         self.vocab = VocabShard(axes.vocab)
         self.model = LlamaModel(model_config, dtype=dtype, attention_backend=attention_backend,
-                                matmul_backend=matmul_backend, packing=packing_of(params), axes=axes)
+                                matmul_backend=matmul_backend, packing=packing_of(params), axes=axes,
+                                quant_plan=quant_plan)
         self.eos_token_ids = tuple(config.eos_token_ids)
         # Forward and sampler are separate jits: the forward compiles once per token bucket whatever sampling
         # options are in the batch; the sampler's variants are small and compile in a fraction of the time.
-        self._forward = jax.jit(self._spmd(self._forward_impl), donate_argnums=(1,))
+        self._forward = jax.jit(self._spmd(self._forward_impl), donate_argnums=(1,),
+                                compiler_options=compiler_options or None)
         # On a mesh the sampled ids come out replicated, and the "no previous step" ids are placed alike, so both
         # kinds of step input hit the same compiled forward (device_put of host data is valid in multi-process).
         replicated = NamedSharding(plan.mesh, P()) if plan else None

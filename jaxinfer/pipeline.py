@@ -106,7 +106,7 @@ def pipeline_forward(model: LlamaModel, pp: int, params: dict, kv_cache, batch: 
         new = []
         for j, p in enumerate(layers):
             layer = DecoderLayer(c, j, model.dtype, model.attention_backend, model.matmul_backend,
-                                 layer_packing(model.packing, j), model.axes.tensor)
+                                 layer_packing(model.packing, j), model.axes.tensor, quant_plan=model.quant_plan)
             x, pair = layer.apply({"params": p}, x, kv[j], b, cos, sin, plan)
             new.append(pair)
         return x, tuple(new)

@@ -42,7 +42,7 @@ def _qmm_kernel(x_ref, qw_ref, s_ref, *refs, bits, group_size, block_k, k_per_sp
       u = lax.shift_right_logical(packed[:, None, :], shifts) & 0xF
       u = u.reshape(block_k, packed.shape[-1])
     else:
-      u = qw_ref[pl.ds(k0, block_k), :].astype(jnp.int32)
+      u = qw_ref[pl.ds(k0, block_k), :].astype(jnp.int32) + 128  # 8-bit codes are stored as u - 128
     xu = jnp.dot(x, u.astype(x.dtype), preferred_element_type=jnp.float32)
     g = k0 // group_size
     s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)

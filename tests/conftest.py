@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxinfer.registry import resolve_model  # noqa: E402
-from parallel_fixtures import llama_layout, smollm_truncated  # noqa: E402,F401  (multi-device tests' models)
+from parallel_fixtures import llama_layout, smollm_truncated, smollm_truncated_packed  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

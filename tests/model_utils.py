@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxinfer.batch import SeqChunk, build_step_batch
 from jaxinfer.model import LlamaModel, init_kv_cache
+from jaxinfer.quantization.weight import packing_of
 
 
 def prefill_logits(config, params, token_ids: list[int], *, block_size: int = 16, chunk: int | None = None,
@@ -19,7 +20,7 @@ def prefill_logits(config, params, token_ids: list[int], *, block_size: int = 16
     num_blocks = math.ceil(n / block_size) + 2
     table = list(range(num_blocks - 1, 0, -1))[: math.ceil(n / block_size)]
     kv = init_kv_cache(config, num_blocks, block_size, dtype, attention_backend)
-    model = LlamaModel(config, dtype=dtype, attention_backend=attention_backend)
+    model = LlamaModel(config, dtype=dtype, attention_backend=attention_backend, packing=packing_of(params))
     fn = jax.jit(lambda p, kv, b: model.apply({"params": p}, kv, b, all_logits=True), donate_argnums=1)
     chunk = chunk or n
     max_blocks = math.ceil(n / block_size / 16) * 16

@@ -39,7 +39,21 @@ def smollm_truncated(gguf_path):
     checkpoint = open_gguf_checkpoint(gguf_path)
     config = dataclasses.replace(checkpoint.config, num_layers=SMOLLM_LAYERS)
     keep = {f"layers_{i}" for i in range(SMOLLM_LAYERS)}
-    params = checkpoint.load(jnp.float32, place=lambda spec, host: host)  # numpy: nothing on a device yet
+    # numpy: nothing on a device yet; f32 (the packed Q4_1 blocks expanded, as gguf dequantizes them)
+    params = checkpoint.load(jnp.float32, quantization="dequantize", place=lambda spec, host: host)
+    return config, {k: v for k, v in params.items() if not k.startswith("layers_") or k in keep}
+
+
+@pytest.fixture(scope="session")
+def smollm_truncated_packed(gguf_path):
+    """The same first layers with the GGUF's Q4_1 / Q8_0 blocks kept packed (the tied LM head too), on the host."""
+    from jaxinfer.loaders.gguf import open_gguf_checkpoint
+
+    checkpoint = open_gguf_checkpoint(gguf_path)
+    config = dataclasses.replace(checkpoint.config, num_layers=SMOLLM_LAYERS)
+    keep = {f"layers_{i}" for i in range(SMOLLM_LAYERS)}
+    params = checkpoint.load(jnp.float32, quantization="packed",
+                             place=lambda spec, host: jax.tree_util.tree_map(np.asarray, host))
     return config, {k: v for k, v in params.items() if not k.startswith("layers_") or k in keep}
 
 

@@ -54,7 +54,7 @@ def test_quantized_weights_round_trip(tmp_path):
         scales=jnp.asarray(rng.standard_normal((k // 16, n)), jnp.float16),
         offsets=jnp.asarray(rng.standard_normal((k // 16, n)), jnp.float32), perm=None, bits=4, group_size=16)
     params["layers_0"]["wq"] = QuantizedWeight(
-        qweight=jnp.asarray(rng.integers(0, 255, (32, 32)), jnp.uint8),
+        qweight=jnp.asarray(rng.integers(-128, 128, (32, 32)), jnp.int8),  # 8-bit codes stored as u - 128
         scales=jnp.asarray(rng.standard_normal((1, 32)), jnp.bfloat16), offsets=None,
         perm=jnp.asarray(rng.permutation(32), jnp.int32), bits=8, group_size=32)
     save_checkpoint(str(tmp_path / "q"), config, params)

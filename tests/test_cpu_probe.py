@@ -64,3 +64,29 @@ def test_engine_uses_the_choice_unless_overridden(monkeypatch, override):
                                   max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, verbose=False))
     assert engine.runner.params["layers_0"]["wq"].dtype == jnp.dtype(override or "float32")
     assert len(measured) == (0 if override else 1)
+
+
+def _quant_seconds(**by_candidate):
+    return {k.replace("__", ":"): dict(zip(cpu_probe.PROBE_ROWS, v)) for k, v in by_candidate.items()}
+
+
+def test_packed_weights_rule_and_plan():
+    """Packed as loaded when no slower than float (x1.05) at every probed row count, else int8 per channel when
+    that is, else float; the plan takes the fastest formulation per row count, among those that quantize
+    activations (W8A8) only when allowed."""
+    small, large = cpu_probe.PROBE_ROWS
+    s = _quant_seconds(float=(10.0, 40.0), packed__dequantize=(10.2, 41.0), packed__group_int8_dot=(8.0, 60.0),
+                       int8__dequantize=(20.0, 39.0), int8__int8_dot=(7.0, 50.0))
+    exact = cpu_probe.decide_quant(s, grouped=True, float_bytes=10**9, available_bytes=2**34)
+    assert exact.action == "packed" and {f for _, f in exact.plan.grouped} == {"dequantize"}
+    w8a8 = cpu_probe.decide_quant(s, True, 10**9, 2**34, w8a8=True)
+    assert w8a8.plan.grouped[0][1] == "group_int8_dot" and w8a8.plan.grouped[-1][1] == "dequantize"
+    assert small <= w8a8.plan.grouped[0][0] < large  # the bound lies between the probed row counts
+    slower = {**s, "packed:dequantize": {small: 30.0, large: 45.0}}
+    assert cpu_probe.decide_quant(slower, True, 10**9, 2**34).action == "float"  # exact int8 is slower too
+    assert cpu_probe.decide_quant(slower, True, 10**9, 2**34, w8a8=True).action == "int8"
+    faster_int8 = {**slower, "int8:dequantize": {small: 9.0, large: 39.0}}
+    assert cpu_probe.decide_quant(faster_int8, True, 10**9, 2**34).action == "int8"
+    # float weights that would not fit: packed whatever the speed
+    choice = cpu_probe.decide_quant(slower, True, 10 * 2**30, 16 * 2**30)
+    assert choice.action == "packed" and "memory" in choice.reason

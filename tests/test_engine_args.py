@@ -15,7 +15,8 @@ from jaxinfer.engine_args import (EngineArgs, add_argparse_flags, define_absl_fl
 FIELDS = {f.name: f for f in dataclasses.fields(EngineArgs)}
 # One non-default value per field, of the field's type (a choice where there are choices).
 CHANGED = dict(model="/tmp/model.gguf", tokenizer="/tmp/tok", dtype="bfloat16", weight_dtype="float32",
-               kv_cache_dtype="float16", block_size=32, num_kv_blocks=99, kv_cache_memory_gb=1.5,
+               quantization="int4-g64", kv_cache_dtype="float16", block_size=32, num_kv_blocks=99,
+               kv_cache_memory_gb=1.5,
                kv_cache_memory_fraction=0.5, max_model_len=1024, max_num_seqs=7, max_num_batched_tokens=256,
                enable_prefix_caching=False, enable_chunked_prefill=False, scheduler_policy="static",
                async_scheduling=False, attention_backend="reference", matmul_backend="pallas_interpret",

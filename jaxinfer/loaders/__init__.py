@@ -1,5 +1,6 @@
 """Checkpoint loaders. `open_checkpoint(source)` reads a checkpoint's config and returns a `Checkpoint` whose
-`load(dtype, head_dtype)` reads the weights; `load_weights(source, dtype)` does both. The format is picked by what
+`load(dtype, head_dtype, quantization)` reads the weights (packed ones kept packed unless `quantization` says
+otherwise: `jaxinfer.quantization.on_load`); `load_weights(source, dtype)` does both. The format is picked by what
 `source` is: a registered name, `random:<preset>`, a `.gguf` file, an orbax checkpoint or an HF directory."""
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ def open_checkpoint(source: str) -> Checkpoint:
         from jaxinfer.loaders.common import random_params
 
         config = _random_config(path.split(":", 1)[1])
-        return Checkpoint(path, config, lambda dtype, head_dtype=None, place=None: random_params(
-            config, dtype, head_dtype=head_dtype, place=place))
+        return Checkpoint(path, config, lambda dtype, head_dtype=None, quantization=None, place=None: random_params(
+            config, dtype, head_dtype=head_dtype, quantization=quantization, place=place))
     if path.endswith(".gguf"):
         from jaxinfer.loaders.gguf import open_gguf_checkpoint
 
@@ -46,21 +47,37 @@ def _random_config(name: str):
     return load_preset(name)
 
 
-def load_params(checkpoint: Checkpoint, dtype, *, head_dtype=None, verbose: bool = True, place=None):
-    """The checkpoint's weights in `dtype` (the embedding and LM head in `head_dtype`), logging what was loaded.
-    place: where each tensor goes (`build_params`); None = the default device."""
+def load_params(checkpoint: Checkpoint, dtype, *, head_dtype=None, quantization=None, verbose: bool = True,
+                place=None):
+    """The checkpoint's weights: float ones in `dtype` (the embedding and LM head in `head_dtype`), packed ones
+    as `quantization` says; logs what was loaded and the bytes it holds. place: where each tensor goes
+    (`build_params`); None = the default device."""
     start = time.perf_counter()
-    params = checkpoint.load(dtype, head_dtype, place)
+    params = checkpoint.load(dtype, head_dtype, quantization, place)
     if verbose:
-        config = checkpoint.config
-        print(f"[jaxinfer] loaded {config.name or checkpoint.path}: {config.num_params / 1e6:.1f}M params, "
-              f"{params_nbytes(params) / 2**30:.3f} GiB of weights ({getattr(dtype, '__name__', dtype)}) "
+        name = checkpoint.config.name or checkpoint.path
+        print(f"[jaxinfer] loaded {name}: {describe_weights(checkpoint.config, params)} "
               f"in {time.perf_counter() - start:.1f}s", flush=True)
     return params
 
 
-def load_weights(source: str, dtype, *, head_dtype=None, verbose: bool = True):
-    """(config, params) from a registered name, GGUF file, HF directory or orbax checkpoint. Weights in `dtype`;
-    the embedding and LM head in `head_dtype` (default: dtype)."""
+def describe_weights(config, params) -> str:
+    """'134.5M params, 0.089 GiB of weights (30% of bf16; 210 packed: 4-bit g32 x 210, ...)' for the logs."""
+    from collections import Counter
+
+    from jaxinfer.quantization.weight import packing_of
+
+    nbytes = params_nbytes(params)
+    kinds = Counter(f"{layout.bits}-bit g{layout.group_size}" for _, layout in packing_of(params))
+    packed = f"; packed: {', '.join(f'{k} x {n}' for k, n in sorted(kinds.items()))}" if kinds else ""
+    return (f"{config.num_params / 1e6:.1f}M params, {nbytes / 2**30:.3f} GiB of weights "
+            f"({nbytes / (2 * config.num_params):.0%} of bf16{packed})")
+
+
+def load_weights(source: str, dtype, *, head_dtype=None, quantization=None, verbose: bool = True):
+    """(config, params) from a registered name, GGUF file, HF directory or orbax checkpoint. Float weights in
+    `dtype` (the embedding and LM head in `head_dtype`, default dtype); packed tensors stay packed unless
+    `quantization` says otherwise ("dequantize": float; "int8" / "int4": quantize on load)."""
     checkpoint = open_checkpoint(source)
-    return checkpoint.config, load_params(checkpoint, dtype, head_dtype=head_dtype, verbose=verbose)
+    return checkpoint.config, load_params(checkpoint, dtype, head_dtype=head_dtype, quantization=quantization,
+                                          verbose=verbose)

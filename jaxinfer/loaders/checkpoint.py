@@ -24,6 +24,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig
 from jaxinfer.loaders.common import Checkpoint, CheckpointError, params_nbytes, read_json
 from jaxinfer.params import Kind, iter_leaves, model_specs, set_leaf
+from jaxinfer.quantization.on_load import convert_built
 
 CONFIG_FILE = "jaxinfer_config.json"  # what jaxinfer.loaders.load_weights looks for
 PARAMS_DIR = "params"
@@ -67,8 +68,19 @@ def open_orbax_checkpoint(path: str) -> Checkpoint:
     """A checkpoint written by save_checkpoint: its config now, its weights when loaded."""
     path = os.path.abspath(os.path.expanduser(path))
     config, _ = _read_config(path)
-    return Checkpoint(path, config, lambda dtype, head_dtype=None, place=None: load_checkpoint(
-        path, dtype, head_dtype, place)[1])
+    return Checkpoint(path, config, lambda dtype, head_dtype=None, quantization=None, place=None: _load_converted(
+        path, config, dtype, head_dtype, quantization, place))
+
+
+def _load_converted(path, config, dtype, head_dtype, quantization, place):
+    """Restore, placed by `place`; a quantize-on-load mode converts on the default device first, then places."""
+    if quantization in (None, "packed"):
+        return load_checkpoint(path, dtype, head_dtype, place)[1]
+    params = convert_built(load_checkpoint(path, dtype, head_dtype)[1], config, dtype, head_dtype, quantization)
+    if place is not None:
+        for spec, value in list(iter_leaves(params, model_specs(config))):
+            set_leaf(params, spec, place(spec, jax.tree.map(np.asarray, value)))
+    return params
 
 
 def load_checkpoint(path: str, dtype=None, head_dtype=None, place=None) -> tuple[ModelConfig, dict]:
@@ -168,7 +180,10 @@ def _join_quantized(tree, quantized: dict, path: str = ""):
     if path in quantized:
         from jaxinfer.quantization import QuantizedWeight
 
-        return QuantizedWeight(**{f: tree.get(f) for f in _QUANT_ARRAYS}, **quantized[path])
+        w = QuantizedWeight(**{f: tree.get(f) for f in _QUANT_ARRAYS}, **quantized[path])
+        if w.bits == 8 and w.qweight.dtype == jnp.uint8:  # saved before 8-bit codes were stored as u - 128
+            w = dataclasses.replace(w, qweight=(w.qweight.astype(jnp.int16) - 128).astype(jnp.int8))
+        return w
     if not quantized:
         return tree
     if isinstance(tree, dict):

@@ -1,8 +1,10 @@
 """GGUF checkpoints (llama.cpp) via the `gguf` package: metadata -> ModelConfig, tensors -> weight pytree.
 
-Quantized tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized here with `gguf.quants.dequantize`.
-llama.cpp stores Q/K projections permuted for its interleaved RoPE; we undo that so the weights use HF's
-rotate-half layout, which is what jaxinfer's model (and HF transformers) implement.
+Q4_0, Q4_1 and Q8_0 tensors are repacked into `QuantizedWeight` blocks as they are (no float round trip) unless
+the load asks for float weights; other quantized types (Q4_K, Q5_K, Q6_K, ...) are dequantized with
+`gguf.quants.dequantize`. llama.cpp stores Q/K projections permuted for its interleaved RoPE; we undo that so the
+weights use HF's rotate-half layout, which is what jaxinfer's model (and HF transformers) implement: a
+permutation of output rows, which packed blocks undergo as well (columns of the `[in, out]` packed weight).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig, UnsupportedModelError
 from jaxinfer.loaders.common import Checkpoint, CheckpointError, build_params
+from jaxinfer.quantization import from_gguf
+from jaxinfer.quantization.weight import permute_columns
 
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
 
@@ -98,8 +102,17 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensor_getter(reader, config: ModelConfig):
-    """`get(hf_name) -> np.ndarray` in HF layout over a GGUF file."""
+REPACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # kept packed (jaxinfer.quantization.from_gguf)
+
+
+def _rope_permutation(n_rows: int, n_heads: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's RoPE permutation: `_unpermute_rope(w) == w[order]`."""
+    return _unpermute_rope(np.arange(n_rows), n_heads)
+
+
+def gguf_tensor_getter(reader, config: ModelConfig, packed: bool = True):
+    """`get(hf_name)` over a GGUF file: a float array in HF layout, or with `packed` a QuantizedWeight
+    (`[in, out]`) for Q4_0 / Q4_1 / Q8_0 tensors."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -112,9 +125,18 @@ def gguf_tensor_getter(reader, config: ModelConfig):
             if rest in _LAYER_NAMES:
                 by_hf_name[f"model.layers.{layer}.{_LAYER_NAMES[rest]}"] = t
 
-    def get(hf_name: str) -> np.ndarray:
+    def rope_heads(hf_name: str):
+        if ".q_proj." in hf_name:
+            return config.num_heads
+        return config.num_kv_heads if ".k_proj." in hf_name else None
+
+    def get(hf_name: str):
         t = by_hf_name[hf_name]  # KeyError -> "missing tensor" in build_params
         hf_shape = tuple(int(d) for d in reversed(t.shape))
+        if packed and t.tensor_type.name in REPACKED_TYPES and len(hf_shape) == 2:
+            w = from_gguf(np.asarray(t.data).reshape(hf_shape[0], -1), t.tensor_type)
+            heads = rope_heads(hf_name)
+            return w if heads is None else permute_columns(w, _rope_permutation(hf_shape[0], heads))
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
             data = np.asarray(t.data)
             if t.tensor_type == GGMLQuantizationType.BF16:
@@ -122,11 +144,8 @@ def gguf_tensor_getter(reader, config: ModelConfig):
         else:
             data = dequantize(t.data, t.tensor_type)
         data = np.asarray(data, dtype=np.float32).reshape(hf_shape)
-        if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
-            data = _unpermute_rope(data, config.num_heads)
-        elif hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
-            data = _unpermute_rope(data, config.num_kv_heads)
-        return data
+        heads = rope_heads(hf_name)
+        return data if heads is None else _unpermute_rope(data, heads)
 
     return get
 
@@ -137,10 +156,12 @@ def open_gguf_checkpoint(path: str) -> Checkpoint:
     reader = open_gguf(path)
     config = config_from_gguf(reader, name=os.path.basename(path))
 
-    def load(dtype, head_dtype=None, place=None):
+    def load(dtype, head_dtype=None, quantization=None, place=None):
         try:
-            return build_params(config, gguf_tensor_getter(reader, config), dtype,
-                                desc=f"loading {os.path.basename(path)}", head_dtype=head_dtype, place=place)
+            # Float weights wanted: dequantize with gguf's own code (what HF transformers does too)
+            get = gguf_tensor_getter(reader, config, packed=quantization in (None, "packed"))
+            return build_params(config, get, dtype, desc=f"loading {os.path.basename(path)}",
+                                head_dtype=head_dtype, quantization=quantization, place=place)
         except (ValueError, IndexError) as e:
             if isinstance(e, CheckpointError):
                 raise
@@ -149,6 +170,7 @@ def open_gguf_checkpoint(path: str) -> Checkpoint:
     return Checkpoint(path, config, load)
 
 
-def load_gguf(path: str, dtype, head_dtype=None):
+def load_gguf(path: str, dtype, head_dtype=None, quantization="dequantize"):
+    """(config, params); float weights unless `quantization` says otherwise (None keeps Q4_0/Q4_1/Q8_0 packed)."""
     checkpoint = open_gguf_checkpoint(path)
-    return checkpoint.config, checkpoint.load(dtype, head_dtype)
+    return checkpoint.config, checkpoint.load(dtype, head_dtype, quantization)

@@ -1,4 +1,5 @@
-"""HF safetensors checkpoints (a model directory: config.json + model.safetensors or an index + shards).
+"""HF safetensors checkpoints (a model directory: config.json + model.safetensors or an index + shards), float or
+GPTQ / AWQ quantized (`hf_quantized.py`).
 
 Tensors are read lazily by name through `safetensors.safe_open` (memory-mapped), so only one tensor at a time
 is materialised on the host before `build_params` casts and places it.
@@ -13,6 +14,7 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.loaders.common import Checkpoint, CheckpointError, build_params, params_nbytes, read_json
+from jaxinfer.loaders.hf_quantized import packed_getter, parse_quantization_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -27,13 +29,16 @@ def open_safetensors(path: str) -> Checkpoint:
     model_dir = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"model directory not found: {model_dir}")
-    config = ModelConfig.from_hf_config(read_hf_config(model_dir), name=os.path.basename(model_dir))
+    hf_config = read_hf_config(model_dir)
+    config = ModelConfig.from_hf_config(hf_config, name=os.path.basename(model_dir))
+    quant = parse_quantization_config(hf_config)  # GPTQ / AWQ: refused settings fail here, before any tensor
 
-    def load(dtype, head_dtype=None, place=None):
+    def load(dtype, head_dtype=None, quantization=None, place=None):
         start = time.perf_counter()
         with _TensorSource(model_dir) as source:
-            params = build_params(config, source.get, dtype, desc=f"loading {os.path.basename(model_dir)}",
-                                  head_dtype=head_dtype, place=place)
+            get = source.get if quant is None else packed_getter(source.get, source.has, quant)
+            params = build_params(config, get, dtype, desc=f"loading {os.path.basename(model_dir)}",
+                                  head_dtype=head_dtype, quantization=quantization, place=place)
         if os.environ.get("JAXINFER_QUIET", "") != "1":
             print(f"loaded {params_nbytes(params) / 2**20:.1f} MiB from {len(source.files)} safetensors file(s) "
                   f"in {time.perf_counter() - start:.2f}s")
@@ -42,10 +47,11 @@ def open_safetensors(path: str) -> Checkpoint:
     return Checkpoint(model_dir, config, load)
 
 
-def load_safetensors(path: str, dtype, head_dtype=None) -> tuple[ModelConfig, dict]:
-    """(config, params) of a HF model directory, weights cast to `dtype`."""
+def load_safetensors(path: str, dtype, head_dtype=None, quantization=None) -> tuple[ModelConfig, dict]:
+    """(config, params) of a HF model directory, float weights cast to `dtype` (GPTQ / AWQ ones kept packed
+    unless `quantization` says otherwise)."""
     checkpoint = open_safetensors(path)
-    return checkpoint.config, checkpoint.load(dtype, head_dtype)
+    return checkpoint.config, checkpoint.load(dtype, head_dtype, quantization)
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -100,6 +106,9 @@ class _TensorSource:
 
     def __exit__(self, *exc):
         self._handles.clear()  # safe_open handles are closed (and unmapped) when released
+
+    def has(self, name: str) -> bool:
+        return name in self.locations
 
     def get(self, name: str) -> np.ndarray:
         file = self.locations.get(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.quantization.weight import make_quantized
+from jaxinfer.quantization.weight import QuantizedWeight, make_quantized
 
 
 def quantize(w_float, bits=4, group_size=128, symmetric=True, scale_dtype=jnp.float32):
@@ -47,13 +47,23 @@ def _unpack_words(words, bits, axis):
     return fields.reshape(shape).astype(np.int32)
 
 
-def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4, group_size=128):
-    """GPTQ (AutoGPTQ / exllama v1 format): qweight int32 `[K*bits/32, N]` packed along K, qzeros int32
-    `[G, N*bits/32]` packed along N storing zero-1, scales `[G, N]`, optional act-order g_idx `[K]`.
-    Act-order is resolved by sorting K rows by group and storing the permutation (applied to x's columns)."""
+GPTQ_FORMATS = ("gptq", "gptq_v2")
+
+
+def from_gptq(qweight, qzeros, scales, g_idx=None, *, bits=4, group_size=128, checkpoint_format="gptq"):
+    """GPTQ: qweight int32 `[K*bits/32, N]` packed along K, qzeros int32 `[G, N*bits/32]` packed along N, scales
+    `[G, N]`, optional act-order g_idx `[K]`. checkpoint_format "gptq" (AutoGPTQ / exllama v1) stores each zero
+    point minus one, "gptq_v2" (GPTQModel) stores it as is. Act-order is resolved by sorting K rows by group and
+    storing the permutation (applied to x's columns)."""
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise ValueError(f"unsupported GPTQ checkpoint_format {checkpoint_format!r} (supported: {GPTQ_FORMATS})")
+    if bits not in (4, 8):
+        raise ValueError(f"unsupported GPTQ bits={bits} (supported: 4, 8)")
     codes = _unpack_words(qweight, bits, axis=0)
     K, N = codes.shape
-    zeros = _unpack_words(qzeros, bits, axis=1) + 1  # v1 "+1" convention
+    zeros = _unpack_words(qzeros, bits, axis=1)
+    if checkpoint_format == "gptq":
+        zeros = zeros + 1  # v1 stores zero - 1; a stored 2**bits - 1 (zero 0 wrapped) decodes to 2**bits, as GPTQ
     scales = np.asarray(scales)
     gs = K if group_size in (None, -1) else group_size
     perm = None
@@ -88,8 +98,9 @@ def from_awq(qweight, qzeros, scales, *, group_size=128):
     codes = _unpack_awq(qweight)
     zeros = _unpack_awq(qzeros)
     scales = np.asarray(scales)
+    gs = codes.shape[0] if group_size in (None, -1) else group_size
     offsets = -zeros.astype(np.float32) * scales.astype(np.float32)
-    return make_quantized(codes, scales, offsets, 4, group_size)
+    return make_quantized(codes, scales, offsets, 4, gs)
 
 
 _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -105,14 +116,13 @@ def from_gguf(data, qtype):
     N = data.shape[0]
     blocks = data.reshape(N, -1, _GGUF_BLOCK_BYTES[name])  # [N, K / 32, bytes]
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # [N, K / 32]
-    if name == "Q8_0":
-        q = blocks[..., 2:34].copy().view(np.int8).astype(np.int32) + 128  # implicit zero 128
-        codes, offsets, bits = q, None, 8
-    else:
-        qs = blocks[..., 4:20] if name == "Q4_1" else blocks[..., 2:18]
-        # element j < 16: low nibble of byte j; element j >= 16: high nibble of byte j - 16
-        codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1)
-        bits = 4
-        offsets = blocks[..., 2:4].copy().view(np.float16)[..., 0].T.astype(np.float32) if name == "Q4_1" else None
-    codes = codes.reshape(N, -1).T  # [K, N]
-    return make_quantized(codes.astype(np.uint8), d.T, offsets, bits, 32)
+    if name == "Q8_0":  # int8 q with W = d * q: our 8-bit storage (u - 128) is q itself, symmetric
+        q = blocks[..., 2:34].reshape(N, -1).view(np.int8).T  # [K, N]
+        return QuantizedWeight(qweight=np.ascontiguousarray(q), scales=np.ascontiguousarray(d.T), offsets=None,
+                               perm=None, bits=8, group_size=32)
+    qs = blocks[..., 4:20] if name == "Q4_1" else blocks[..., 2:18]
+    # element j < 16: low nibble of byte j; element j >= 16: high nibble of byte j - 16
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(N, -1).T  # [K, N]
+    # Q4_0: W = d * (u - 8), the symmetric default. Q4_1: W = d * u + m, its f16 minimum kept as stored (exact)
+    offsets = blocks[..., 2:4].copy().view(np.float16)[..., 0].T if name == "Q4_1" else None
+    return make_quantized(codes, d.T, offsets, 4, 32)

@@ -99,6 +99,15 @@ def test_quantized_model_matches_one_device():
     _assert_same(_run(SMALL, quantized, plan), _run(SMALL, quantized))
 
 
+def test_packed_gguf_with_a_packed_tied_head_matches_one_device(smollm_truncated_packed):
+    """SmolLM2's Q4_1 layers and Q8_0 tied head kept packed: padded query heads move whole groups of o's packed
+    input rows, the vocab-parallel lookup dequantizes only its shard's columns."""
+    config, params = smollm_truncated_packed
+    plan = ShardingPlan(config, make_mesh(2, 2))
+    assert not plan.heads.is_identity  # 9 query / 3 KV heads at TP 2: padded and replicated
+    _assert_same(_run(config, params, plan, steps=2), _run(config, params, steps=2))
+
+
 def test_pallas_kernels_run_per_shard():
     """Both Pallas kernels (ragged paged attention, int4 matmul; interpret mode on CPU) under shard_map, each
     shard with its own heads and weight columns / rows, against the same kernels on one device."""
