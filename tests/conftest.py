@@ -52,6 +52,23 @@ def tokenizer(gguf_path):
     return load_tokenizer(gguf_path)
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A 2-layer Llama with SmolLM2's vocabulary and tokenizer (so text, chat templates and stop strings work)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      eos_token_id=2, bos_token_id=1)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.hf.save_pretrained(path)
+    return str(path)
+
+
 def shared_data_path(*parts: str) -> str:
     """A file under the project's shared data folder, `../shared/data/` from the repository root. From a git
     worktree (whose `.git` is a file naming the main repository) that is beside the main checkout instead."""

@@ -7,27 +7,10 @@ import threading
 
 import numpy as np
 import pytest
-import torch
-import transformers
-
 from jaxinfer import LLM, EngineClosedError, InvalidRequestError, QueueFullError, SamplingParams
 from jaxinfer.async_engine import AsyncEngine
 
 ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128, num_kv_blocks=32, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A 2-layer Llama with SmolLM2's vocabulary and tokenizer (so text, chat templates and stop strings work)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      eos_token_id=2, bos_token_id=1)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.hf.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
