@@ -134,6 +134,13 @@ class AsyncEngine:
                 error = EngineError(f"engine step failed: {type(e).__name__}: {e}")
                 error.__cause__ = e
                 self._fail_all(error)
+        # Aborts and stop-string finishes sent before shutdown still apply, so no request outlives its stream in
+        # the core (which a shared LLMEngine keeps).
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for command in commands:
+            if not isinstance(command, _Add):
+                self._apply(command)
         self._fail_all(EngineClosedError("the engine was shut down"))
 
     def _run_once(self) -> None:

@@ -33,11 +33,11 @@ class LLMEngine:
         path = resolve_model(args.model)
         tokenizer_source = args.tokenizer or (None if path.startswith("random:") else path)  # random weights: none
         load_start = time.perf_counter()
-        config, params = load_model(args)  # first: a bad checkpoint is reported as such, not as a bad tokenizer
+        model = load_model(args)  # first: a bad checkpoint is reported as such, not as a bad tokenizer
         self.tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
         release_shared_reader()  # a GGUF file's parse, shared by weights and tokenizer
         load_s = time.perf_counter() - load_start
-        self.core = EngineCore(args, config, params, self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.core = EngineCore(args, model, self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.core.record_load_time(load_s)
         self.processor = InputProcessor(self.tokenizer, vocab_size=self.config.vocab_size,
                                         max_model_len=self.core.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -52,6 +52,11 @@ class LLMEngine:
     @property
     def runner(self):
         return self.core.runner
+
+    @property
+    def is_follower(self) -> bool:
+        """A multi-process run's process other than 0: it only made process 0's device calls."""
+        return self.core.is_follower
 
     @property
     def scheduler(self):

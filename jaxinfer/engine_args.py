@@ -39,7 +39,8 @@ class EngineArgs:
     block_size: int = _opt(16, "tokens per KV cache block", minimum=1)
     num_kv_blocks: int | None = _opt(None, "number of KV cache blocks; overrides the memory budget", minimum=1)
     kv_cache_memory_gb: float | None = _opt(
-        None, "KV cache budget in GiB; default: 2 GiB on CPU, kv_cache_memory_fraction of free accelerator memory",
+        None, "KV cache budget per device in GiB; default: 2 GiB in all on CPU, kv_cache_memory_fraction of free "
+        "accelerator memory",
         minimum=0, exclusive_minimum=True)
     kv_cache_memory_fraction: float = _opt(
         0.9, "fraction of the accelerator memory the weights leave free that the KV cache may take",
@@ -70,6 +71,17 @@ class EngineArgs:
         None, "admission control: refuse new requests (QueueFullError) while the prompts not yet scheduled "
         "hold this many tokens; default: unlimited", minimum=1)
     verbose: bool = _opt(True, "print load and KV cache information and progress bars")
+    # Scale-out (docs/PARALLELISM.md): a (pipe, tensor) mesh over tp * pp devices, of one or several processes.
+    tensor_parallel_size: int = _opt(1, "Megatron tensor parallelism: devices that split heads, MLP and vocabulary",
+                                     minimum=1)
+    pipeline_parallel_size: int = _opt(1, "pipeline parallelism: stages of contiguous layers", minimum=1)
+    pipeline_microbatches: int | None = _opt(
+        None, "micro-batches per step with pipeline stages; default: one per stage", minimum=1)
+    coordinator_address: str | None = _opt(
+        None, "multi-host: host:port of process 0 (jax.distributed); every process runs the same command")
+    num_processes: int = _opt(1, "multi-host: how many processes the run spans", minimum=1)
+    process_id: int = _opt(0, "multi-host: this process's index; process 0 schedules, the others follow its steps",
+                           minimum=0)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

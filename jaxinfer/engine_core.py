@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import sampler
+from jaxinfer import distributed, sampler
 from jaxinfer.attention import default_attention_backend
 from jaxinfer.batch import SeqChunk
 from jaxinfer.engine_args import EngineArgs
@@ -40,6 +40,7 @@ from jaxinfer.model_runner import ModelRunner, StepHandle, enable_compilation_ca
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxinfer.sequence import PENDING_TOKEN, Sequence, SequenceStatus
+from jaxinfer.sharding import ShardingPlan, make_mesh
 from jaxinfer.stats import EngineStats, RequestTimings, StartupTimes, StepRecord
 
 _NO_SAMPLE = SamplingParams(temperature=0.0)  # rows of prefill chunks that don't sample yet
@@ -94,45 +95,79 @@ def default_weight_dtype(config, verbose: bool = True) -> str:
     return choice.dtype
 
 
-def load_model(args: EngineArgs):
-    """(ModelConfig, weight pytree) of `args.model`, in the dtypes the core will run it at."""
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """What `load_model` returns and `EngineCore` runs: the weights, laid out by `plan` on a mesh (tensor /
+    pipeline parallelism; None: one device), and the channel of a multi-process run (None: one process)."""
+    config: Any
+    params: Any
+    plan: ShardingPlan | None = None
+    channel: distributed.Channel | None = None
+
+
+def load_model(args: EngineArgs) -> LoadedModel:
+    """`args.model`'s weights in the dtypes the core will run it at, placed on the mesh the args ask for."""
+    # Before anything touches a device: a multi-process run joins jax.distributed first.
+    channel = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    is_follower = channel is not None and not channel.is_leader
     enable_compilation_cache(args.compilation_cache_dir)  # loading may compile (dequantization)
     checkpoint = open_checkpoint(args.model)
     dtype, _ = _activation_dtypes(args)
-    weight_dtype = _DTYPES[args.weight_dtype or default_weight_dtype(checkpoint.config, args.verbose)]
+    weight_dtype = args.weight_dtype or (None if is_follower else default_weight_dtype(checkpoint.config,
+                                                                                        args.verbose))
+    weight_dtype = _DTYPES[channel.agree(weight_dtype) if channel else weight_dtype]  # process 0's choice
     # The embedding and LM head are kept at the activation precision when it is wider than the weights'
     # (f32 with bf16 weights): `layers.linear` rounds its input to the weight dtype, and at the LM head, and
     # with tied embeddings at the lookup, bf16 flips close calls between the top tokens (SmolLM2-135M then
     # answers "What is the capital of France?" with "L'Étoile, la Marseillaise, ..." where HF fp32 says "The
     # capital of France is Paris."). It is one matrix, 0.06 GiB more for SmolLM2.
     head_dtype = max(weight_dtype, dtype, key=lambda d: jnp.dtype(d).itemsize)
-    return checkpoint.config, load_params(checkpoint, weight_dtype, head_dtype=head_dtype, verbose=args.verbose)
+    plan = None
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        plan = ShardingPlan(checkpoint.config, make_mesh(args.tensor_parallel_size, args.pipeline_parallel_size))
+        if args.verbose:
+            print(f"[jaxinfer] {plan.describe()}", flush=True)
+    params = load_params(checkpoint, weight_dtype, head_dtype=head_dtype, verbose=args.verbose,
+                         place=plan.place if plan else None)
+    return LoadedModel(checkpoint.config, plan.finish(params) if plan else params, plan, channel)
 
 
 class EngineCore:
-    def __init__(self, args: EngineArgs, config, params, extra_eos_token_ids: Iterable[int] = ()):
+    def __init__(self, args: EngineArgs, model: LoadedModel, extra_eos_token_ids: Iterable[int] = ()):
         """Build the KV cache, runner and scheduler around loaded weights (`load_model`).
-        `extra_eos_token_ids`: ids that end a sequence besides the model config's (the tokenizer's EOS)."""
+        `extra_eos_token_ids`: ids that end a sequence besides the model config's (the tokenizer's EOS).
+        In a multi-process run, the other processes' cores only follow process 0's device calls: their
+        constructor returns when process 0 is done (`is_follower`)."""
         build_start = time.perf_counter()
         self.args = args
         cache_dir = enable_compilation_cache(args.compilation_cache_dir)
-        backend = jax.default_backend()
         dtype, kv_dtype = _activation_dtypes(args)
-        self.config = config
+        self.config, self.plan, channel = model.config, model.plan, model.channel
+        self.is_follower = channel is not None and not channel.is_leader
         self.eos_token_ids = set(self.config.eos_token_ids) | set(extra_eos_token_ids)
         self.max_model_len = resolve_max_model_len(self.config.max_position_embeddings, args.max_model_len)
-        num_blocks = self._num_kv_blocks(kv_dtype)
+        # One block's bytes on each device: its stage's layers and its shard's KV heads.
+        local = self.plan.local_config if self.plan else self.config
+        block_bytes = args.block_size * self.config.kv_bytes_per_token(
+            jnp.dtype(kv_dtype).itemsize, num_layers=local.num_layers, num_kv_heads=local.num_kv_heads)
+        num_blocks = self._num_kv_blocks(block_bytes, channel)
         if args.verbose:
-            gib = num_blocks * args.block_size * self.config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize) / 2**30
+            where = f"per device, {self.plan.mesh.size} devices" if self.plan else f"on {jax.default_backend()}"
             print(f"[jaxinfer] KV cache: {num_blocks} blocks x {args.block_size} tokens = "
-                  f"{num_blocks * args.block_size} tokens, {gib:.2f} GiB ({jnp.dtype(kv_dtype).name}) on {backend}",
-                  flush=True)
+                  f"{num_blocks * args.block_size} tokens, {num_blocks * block_bytes / 2**30:.2f} GiB "
+                  f"({jnp.dtype(kv_dtype).name}) {where}", flush=True)
         self.runner = ModelRunner(
-            self.config, params, num_blocks=num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len, kv_dtype=kv_dtype,
+            self.config, model.params, num_blocks=num_blocks, block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=self.max_model_len, kv_dtype=kv_dtype,
             attention_backend=args.attention_backend or default_attention_backend(),
-            matmul_backend=args.matmul_backend or "xla", dtype=dtype,
+            matmul_backend=args.matmul_backend or "xla", dtype=dtype, plan=self.plan,
+            num_microbatches=args.pipeline_microbatches, channel=channel,
             executable_cache_dir=os.path.join(cache_dir, EXECUTABLES_SUBDIR) if cache_dir else None)
+        if channel is not None:
+            channel.release_at_exit(self.runner)
+        if self.is_follower:  # make process 0's device calls until it exits; this core takes no requests
+            self.runner.follow()
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=self.max_model_len,
@@ -165,18 +200,26 @@ class EngineCore:
             num_executables_compiled=sum(r.source == "compiled" for r in records),
             num_executables_pending=runner.num_warmup_pending)
 
-    def _num_kv_blocks(self, kv_dtype) -> int:
+    def _num_kv_blocks(self, bytes_per_block: int, channel) -> int:
+        """Blocks that fit every device's budget. The pool is global: each device holds every block, for its own
+        layers and KV heads, so the tightest device (of every process) decides."""
         a = self.args
         if a.num_kv_blocks:
             return a.num_kv_blocks
-        bytes_per_block = a.block_size * self.config.kv_bytes_per_token(jnp.dtype(kv_dtype).itemsize)
-        budget = kv_budget_bytes(a.kv_cache_memory_gb, a.kv_cache_memory_fraction, jax.devices()[0].memory_stats())
+        devices = list(self.plan.mesh.devices.flat) if self.plan else jax.devices()[:1]
+        budget = min(kv_budget_bytes(a.kv_cache_memory_gb, a.kv_cache_memory_fraction, d.memory_stats(),
+                                     num_devices=len(devices))
+                     for d in devices if d.process_index == jax.process_index())
+        budget = channel.min(budget) if channel else budget
         return num_kv_blocks(budget, bytes_per_block, self.max_model_len, a.block_size)
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, request: EngineRequest) -> None:
         """Admit a request the front end validated (`processor.py`). Raises InvalidRequestError (request id in
         use) or QueueFullError before anything is queued."""
+        if self.is_follower:
+            raise RuntimeError(f"process {self.args.process_id} follows process 0's steps; send requests to "
+                               "process 0")
         a, num_prompt = self.args, len(request.prompt_token_ids)
         if request.request_id in self._requests:
             raise InvalidRequestError("request_id", f"request_id {request.request_id!r} is already in use")

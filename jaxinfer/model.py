@@ -3,18 +3,34 @@
 `LlamaModel.apply({"params": params}, kv_cache, batch)` is a pure function of the weights, the paged KV cache
 and a flat ragged batch (docs/ARCHITECTURE.md). Prefill chunks and decodes of many sequences share one call.
 Layers are unrolled with separate per-layer weights: on XLA CPU, slicing stacked weights copies them per step.
+
+Under tensor / pipeline parallelism the same code runs inside `shard_map` on one shard's weights, with a config
+of one shard's shapes (`ShardingPlan.local_config`) and `ShardAxes` naming the mesh axes of its collectives: one
+all-reduce after the attention's o projection and one after the MLP's down projection (Megatron), and the
+vocab-parallel embedding's all-reduce. `embed_tokens`, `DecoderLayer` and `final_logits` are the pieces the
+pipeline (jaxinfer/pipeline.py) runs separately.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxinfer.attention import keys_transposed, paged_attention, plan_xla_attention, write_kv
 from jaxinfer.batch import StepBatch
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import apply_rope, linear, rms_norm, rope_inv_freq, rope_tables
 from jaxinfer.params import Kind, global_specs, layer_specs
+
+class ShardAxes(NamedTuple):
+    """The mesh axes a shard's collectives run over (inside shard_map); the defaults are one whole model."""
+    tensor: str | None = None       # row-parallel projections are summed over it
+    vocab: tuple[str, ...] = ()     # the vocabulary (embedding rows, LM head columns) is split over these
+    vocab_size: int = 0             # the model's real vocabulary when the stored one is padded (0: not padded)
+
 
 _INITS = {Kind.LINEAR: nn.initializers.normal(0.02), Kind.HEAD: nn.initializers.normal(0.02),
           Kind.NORM: nn.initializers.ones, Kind.BIAS: nn.initializers.zeros}
@@ -38,6 +54,7 @@ class DecoderLayer(nn.Module):
     attention_backend: str
     matmul_backend: str
     packing: tuple = ()  # ((name, QuantLayout), ...): this layer's packed weights
+    tensor_axis: str | None = None  # tensor parallelism: the mesh axis o and down projections are summed over
 
     @nn.compact
     def __call__(self, x, kv, batch: StepBatch, cos, sin, plan):
@@ -56,11 +73,16 @@ class DecoderLayer(nn.Module):
                                     keys_transposed=keys_transposed(self.attention_backend))
         attn = paged_attention(q, k_pages, v_pages, batch, sm_scale=hd ** -0.5, sliding_window=c.sliding_window,
                                backend=self.attention_backend, plan=plan)
-        x = x + lin(attn.reshape(t, h * hd), "wo")
+        x = x + self._all_reduce(lin(attn.reshape(t, h * hd), "wo"))
 
         hn = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-        x = x + lin(jax.nn.silu(lin(hn, "w_gate")) * lin(hn, "w_up"), "w_down")
+        x = x + self._all_reduce(lin(jax.nn.silu(lin(hn, "w_gate")) * lin(hn, "w_up"), "w_down"))
         return x, (k_pages, v_pages)
+
+    def _all_reduce(self, partial):
+        """Row-parallel projections give each shard a partial sum of the output: add them up (Megatron's one
+        all-reduce per block)."""
+        return lax.psum(partial, self.tensor_axis) if self.tensor_axis else partial
 
 
 class LlamaModel(nn.Module):
@@ -69,6 +91,7 @@ class LlamaModel(nn.Module):
     attention_backend: str = "xla"
     matmul_backend: str = "xla"
     packing: tuple = ()  # ((spec key, QuantLayout), ...), e.g. (("layers_0/wq", layout), ...): packed weights
+    axes: ShardAxes = ShardAxes()
 
     @nn.compact
     def __call__(self, kv_cache, batch: StepBatch, all_logits: bool = False):
@@ -76,33 +99,68 @@ class LlamaModel(nn.Module):
         c = self.config
         packing = dict(self.packing)
         w = _declare(self, global_specs(c), self.dtype, {k: v for k, v in packing.items() if "/" not in k})
-        lm_head = w["lm_head"]
-        if c.tie_word_embeddings:
-            if not isinstance(lm_head, jax.Array):
-                raise ValueError("a tied-embedding model needs a plain lm_head array (the token lookup gathers its "
-                                 f"columns), got {type(lm_head).__name__}")
-            # Tied models keep only the LM head's [hidden, vocab] layout: XLA CPU's bf16 dot is ~10x slower on a
-            # transposed [vocab, hidden] operand, while gathering T columns for the lookup costs little.
-            x = _gather_columns(lm_head, batch.token_ids).astype(self.dtype)
-        else:
-            x = w["embed"][batch.token_ids].astype(self.dtype)
-        cos, sin = rope_tables(batch.positions, rope_inv_freq(c))
-        plan = None
-        if self.attention_backend == "xla":  # computed once, shared by every layer
-            plan = plan_xla_attention(batch, block_size=kv_cache[0][1].shape[2], sliding_window=c.sliding_window)
+        x = embed_tokens(w, batch.token_ids, c, self.dtype, self.axes)
+        cos, sin, plan = step_tables(c, batch, kv_cache[0][1].shape[2], self.attention_backend)
         new_cache = []
         for i in range(c.num_layers):
-            prefix = f"layers_{i}/"
-            layer_packing = tuple((k[len(prefix):], v) for k, v in self.packing if k.startswith(prefix))
-            layer = DecoderLayer(c, i, self.dtype, self.attention_backend, self.matmul_backend, layer_packing,
-                                 name=f"layers_{i}")
+            layer = DecoderLayer(c, i, self.dtype, self.attention_backend, self.matmul_backend,
+                                 layer_packing(self.packing, i), self.axes.tensor, name=f"layers_{i}")
             x, kv = layer(x, kv_cache[i], batch, cos, sin, plan)
             new_cache.append(kv)
         if not all_logits:
             x = x[batch.logits_indices]  # only the rows we sample from go through the LM head
-        x = rms_norm(x, w["final_norm"], c.rms_norm_eps)
-        logits = linear(x.astype(jnp.float32), lm_head, matmul_backend=self.matmul_backend)  # f32 logits
-        return logits, tuple(new_cache)
+        return final_logits(w, x, c, self.axes, self.matmul_backend), tuple(new_cache)
+
+
+def layer_packing(packing: tuple, layer: int) -> tuple:
+    """The packed weights of one layer, by name, from the model's ((spec key, layout), ...)."""
+    prefix = f"layers_{layer}/"
+    return tuple((k[len(prefix):], v) for k, v in packing if k.startswith(prefix))
+
+
+def step_tables(config: ModelConfig, batch: StepBatch, block_size: int, attention_backend: str):
+    """Per-step tables every layer shares: RoPE cos/sin and, on the XLA path, the attention plan."""
+    cos, sin = rope_tables(batch.positions, rope_inv_freq(config))
+    plan = None
+    if attention_backend == "xla":
+        plan = plan_xla_attention(batch, block_size=block_size, sliding_window=config.sliding_window)
+    return cos, sin, plan
+
+
+def embed_tokens(w: dict, token_ids, config: ModelConfig, dtype, axes: ShardAxes = ShardAxes()):
+    """[T, hidden] embeddings. Vocab-parallel (axes.vocab): each shard looks up the ids in its slice of the
+    vocabulary, zeros for the others, and one all-reduce adds the slices up."""
+    lm_head = w["lm_head"]
+    if config.tie_word_embeddings and not isinstance(lm_head, jax.Array):
+        raise ValueError("a tied-embedding model needs a plain lm_head array (the token lookup gathers its "
+                         f"columns), got {type(lm_head).__name__}")
+    table_rows = lm_head.shape[1] if config.tie_word_embeddings else w["embed"].shape[0]
+    ids, inside = token_ids, None
+    if axes.vocab:
+        ids = token_ids - lax.axis_index(axes.vocab) * table_rows
+        inside = (ids >= 0) & (ids < table_rows)
+        ids = jnp.where(inside, ids, 0)
+    if config.tie_word_embeddings:
+        # Tied models keep only the LM head's [hidden, vocab] layout: XLA CPU's bf16 dot is ~10x slower on a
+        # transposed [vocab, hidden] operand, while gathering T columns for the lookup costs little.
+        x = _gather_columns(lm_head, ids).astype(dtype)
+    else:
+        x = w["embed"][ids].astype(dtype)
+    if axes.vocab:
+        x = lax.psum(jnp.where(inside[:, None], x, 0), axes.vocab)
+    return x
+
+
+def final_logits(w: dict, x, config: ModelConfig, axes: ShardAxes = ShardAxes(), matmul_backend: str = "xla"):
+    """Final norm and LM head: f32 logits [rows, V] (this shard's vocabulary slice when vocab-parallel; ids past
+    a padded vocabulary's real size get -inf)."""
+    x = rms_norm(x, w["final_norm"], config.rms_norm_eps)
+    logits = linear(x.astype(jnp.float32), w["lm_head"], matmul_backend=matmul_backend)
+    if axes.vocab_size:
+        local = logits.shape[-1]
+        ids = jnp.arange(local) + (lax.axis_index(axes.vocab) * local if axes.vocab else 0)
+        logits = jnp.where(ids < axes.vocab_size, logits, -jnp.inf)
+    return logits
 
 
 def _gather_columns(matrix, ids):

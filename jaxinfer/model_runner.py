@@ -7,6 +7,12 @@ every call and updated in place; only sampled token ids (and logprobs when asked
 `launch` dispatches a step and returns at once (JAX dispatch is asynchronous); `fetch` waits for its results.
 Between the two the engine does host work while the device computes, and may launch the next step, whose
 decode tokens are read on device from this step's sampled ids (`StepHandle.padded_token_ids`).
+
+With a `ShardingPlan` (tensor / pipeline parallelism) the forward, the sampler and the block copies each run as
+one SPMD program over the plan's mesh (`shard_map`): every device runs the model on its own shard of the weights
+and KV pages, with the collectives the model and the sampler name (docs/PARALLELISM.md). The host side is
+unchanged but for pipeline micro-batches (`pipeline.build_pipeline_batch`). In a multi-process run, process 0's
+runner sends every device call's host inputs to the other processes (`channel`), which make the same calls.
 """
 from __future__ import annotations
 
@@ -16,19 +22,25 @@ import math
 import os
 import threading
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from jaxinfer import sampler
-from jaxinfer.attention import DEFAULT_CHUNK_BLOCKS
+from jaxinfer.attention import DEFAULT_CHUNK_BLOCKS, keys_transposed
 from jaxinfer.batch import SeqChunk, build_step_batch, bucket
 from jaxinfer.config import ModelConfig
 from jaxinfer.executable_cache import ExecutableCache, ExecutableRecord, abstract
-from jaxinfer.model import LlamaModel, init_kv_cache
+from jaxinfer.model import LlamaModel, ShardAxes, init_kv_cache
+from jaxinfer.pipeline import PipelineBatch, build_pipeline_batch, pipeline_forward
 from jaxinfer.quantization.weight import packing_of
+from jaxinfer.sharding import ShardingPlan
+from jaxinfer.vocab_parallel import VocabShard
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +87,51 @@ class StepHandle:
 class ModelRunner:
     def __init__(self, config: ModelConfig, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, kv_dtype, attention_backend: str,
-                 matmul_backend: str, dtype, executable_cache_dir: str | None = None):
-        """executable_cache_dir: where warm-up keeps compiled executables (executable_cache.py); None: nowhere."""
+                 matmul_backend: str, dtype, plan: ShardingPlan | None = None, num_microbatches: int | None = None,
+                 channel=None, executable_cache_dir: str | None = None):
+        """plan: lay the model out on a mesh (params must be placed by it: `plan.place` / `plan.shard_params`).
+        num_microbatches: micro-batches per step with pipeline stages (default: one per stage). channel: a
+        `distributed.Channel` of a multi-process run; process 0 sends every device call through it.
+        executable_cache_dir: where warm-up keeps compiled executables (executable_cache.py); None: nowhere.
+        Only a one-device, one-process runner warms up through it; a mesh or a multi-process run compiles its
+        buckets through the jits (`_jit_warmup`), which the followers replay."""
         self.config = config
         self.params = params
+        self.plan = plan
+        self.channel = channel
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs)
         blocks = math.ceil(max_model_len / block_size)
         self.max_blocks = math.ceil(blocks / DEFAULT_CHUNK_BLOCKS) * DEFAULT_CHUNK_BLOCKS
-        self.kv_cache = init_kv_cache(config, num_blocks, block_size, kv_dtype, attention_backend)
-        self.model = LlamaModel(config, dtype=dtype, attention_backend=attention_backend,
-                                matmul_backend=matmul_backend, packing=packing_of(params))
+        self.pp = plan.pp if plan else 1
+        self.num_microbatches = (num_microbatches or self.pp) if self.pp > 1 else 1
+        model_config, axes = config, ShardAxes()
+        if plan is not None:
+            model_config = plan.local_config
+            axes = ShardAxes(plan.tensor_axis, plan.vocab_axes,
+                             config.vocab_size if plan.padded_vocab != config.vocab_size else 0)
+            self.kv_cache = plan.init_kv_cache(num_blocks, block_size, kv_dtype, keys_transposed(attention_backend))
+        else:
+            self.kv_cache = init_kv_cache(config, num_blocks, block_size, kv_dtype, attention_backend)
+        self.vocab = VocabShard(axes.vocab)
+        self.model = LlamaModel(model_config, dtype=dtype, attention_backend=attention_backend,
+                                matmul_backend=matmul_backend, packing=packing_of(params), axes=axes)
         self.eos_token_ids = tuple(config.eos_token_ids)
         # Forward and sampler are separate jits: the forward compiles once per token bucket whatever sampling
         # options are in the batch; the sampler's variants are small and compile in a fraction of the time.
-        self._forward = jax.jit(self._forward_impl, donate_argnums=(1,))
-        self._sample = jax.jit(self._sample_impl, static_argnames=("flags", "eos_token_ids"))
-        self.max_rows = self.num_rows(self.buckets[-1])
-        self._no_prev_tokens = jnp.zeros(self.max_rows, jnp.int32)
-        self._copy = jax.jit(_copy_blocks, donate_argnums=(0,))
+        self._forward = jax.jit(self._spmd(self._forward_impl), donate_argnums=(1,))
+        # On a mesh the sampled ids come out replicated, and the "no previous step" ids are placed alike, so both
+        # kinds of step input hit the same compiled forward (device_put of host data is valid in multi-process).
+        replicated = NamedSharding(plan.mesh, P()) if plan else None
+        self._sample = jax.jit(self._sample_impl, static_argnames=("flags", "eos_token_ids"),
+                               out_shardings=replicated)
+        self.max_rows = self.num_microbatches * self.num_rows(self.buckets[-1])
+        self._no_prev_tokens = (jax.device_put(np.zeros(self.max_rows, np.int32), replicated) if plan
+                                else jnp.zeros(self.max_rows, jnp.int32))
+        self._copy = jax.jit(self._spmd(partial(_copy_blocks, block_axis=2 if self.pp > 1 else 1), copy=True),
+                             donate_argnums=(0,))
         self._executables = ExecutableCache(executable_cache_dir, dict(
             config=repr(config), dtype=jnp.dtype(dtype).name, attention_backend=attention_backend,
             matmul_backend=matmul_backend, max_rows=self.max_rows))
@@ -109,31 +145,58 @@ class ModelRunner:
         return min(num_tokens, self.max_num_seqs)
 
     # ------------------------------------------------------------------------------------------ device side
+    def _spmd(self, fn, copy: bool = False):
+        """fn as one SPMD program over the plan's mesh: weights and KV pages enter as their shards, batch
+        inputs replicated; the forward returns logits split over the vocabulary, replicated prompt logprobs."""
+        if self.plan is None:
+            return fn
+        kv = jax.tree_util.tree_map(lambda _: self.plan.kv_partition_spec(), self.kv_cache)
+        if copy:
+            in_specs, out_specs = (kv, P(), P()), kv
+        else:
+            in_specs = (self.plan.param_specs(self.params), kv, P(), P(), P())
+            out_specs = ((P(None, self.vocab.axes), P()), kv)
+        return jax.shard_map(fn, mesh=self.plan.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
     def _forward_impl(self, params, kv_cache, batch, prompt_targets, prev_token_ids):
         """Logits of each sequence's last token [S, V]. With prompt_targets ([T], -1 = none) it also returns,
         for every token, the log-prob of the next prompt token and the top-20 (prompt_logprobs).
         prev_token_ids: the previous step's sampled ids, which tokens with batch.prev_sample_rows >= 0 take."""
-        rows = batch.prev_sample_rows
-        batch = batch.replace(token_ids=jnp.where(rows >= 0, prev_token_ids[jnp.maximum(rows, 0)], batch.token_ids))
+        step = batch.mb if isinstance(batch, PipelineBatch) else batch
+        rows = step.prev_sample_rows
+        step = step.replace(token_ids=jnp.where(rows >= 0, prev_token_ids[jnp.maximum(rows, 0)], step.token_ids))
         want_all = prompt_targets is not None
-        logits, kv_cache = self.model.apply({"params": params}, kv_cache, batch, all_logits=want_all)
+        if isinstance(batch, PipelineBatch):
+            batch = batch.replace(mb=step)
+            logits, kv_cache = pipeline_forward(self.model, self.pp, params, kv_cache, batch, all_logits=want_all)
+        else:
+            batch = step
+            logits, kv_cache = self.model.apply({"params": params}, kv_cache, batch, all_logits=want_all)
         prompt_lp = None
         if want_all:
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            target_lp = jnp.take_along_axis(logp, jnp.maximum(prompt_targets, 0)[:, None], axis=1)[:, 0]
-            top_lp, top_ids = jax.lax.top_k(logp, 20)
-            prompt_lp = (target_lp, top_ids, top_lp)
+            prompt_lp = sampler.compute_logprobs(logits, jnp.maximum(prompt_targets, 0), 20, self.vocab)
             logits = logits[batch.logits_indices]
         return (logits, prompt_lp), kv_cache
 
     def _sample_impl(self, logits, tensors, prev_token_ids, flags, eos_token_ids):
-        out = sampler.sample(logits, tensors, flags=flags, eos_token_ids=eos_token_ids,
-                             prev_token_ids=prev_token_ids)
+        def sample(logits, tensors, prev_token_ids):
+            return sampler.sample(logits, tensors, flags=flags, eos_token_ids=eos_token_ids,
+                                  prev_token_ids=prev_token_ids, vocab=self.vocab)
+
+        if self.plan is not None:  # each device samples over its vocabulary slice; ids come out replicated
+            sample = jax.shard_map(sample, mesh=self.plan.mesh, in_specs=(P(None, self.vocab.axes), P(), P()),
+                                   out_specs=P(), check_vma=False)
+        out = sample(logits, tensors, prev_token_ids)
         padded = jnp.zeros(self.max_rows, jnp.int32).at[:out.token_ids.shape[0]].set(out.token_ids)
         return out, padded
 
     # -------------------------------------------------------------------------------------------- host side
     def prepare(self, chunks: list[SeqChunk], min_tokens: int = 0):
+        if self.pp > 1:
+            return build_pipeline_batch(chunks, num_microbatches=self.num_microbatches, buckets=self.buckets,
+                                        max_num_seqs=self.max_num_seqs, max_blocks=self.max_blocks,
+                                        block_size=self.block_size, num_blocks=self.num_blocks,
+                                        min_tokens=min_tokens)
         # While a background warm-up runs, a step takes the smallest bucket already loaded that fits it.
         num_tokens = bucket(max(sum(len(c.token_ids) for c in chunks), min_tokens),
                             self._ready_buckets or self.buckets)
@@ -160,14 +223,44 @@ class ModelRunner:
             targets = np.full(batch.num_tokens, -1, np.int32)
             flat = [t for chunk_targets in prompt_targets for t in chunk_targets]
             targets[:len(flat)] = flat
-        prev_tokens = previous.padded_token_ids if previous is not None else self._no_prev_tokens
+        self._send("step", batch, tensors, flags, targets, previous is not None)
         built = time.perf_counter()
+        handle = self._step(batch, tensors, flags, targets, previous)
+        dispatched = time.perf_counter()
+        for leaf in jax.tree_util.tree_leaves((handle.sampled, handle.prompt_logprobs)):
+            leaf.copy_to_host_async()  # start the (small) copy back now, not when the host asks
+        return dataclasses.replace(handle, build_s=built - start, dispatch_s=dispatched - built)
+
+    def _step(self, batch, tensors, flags, targets, previous: StepHandle | None) -> StepHandle:
+        prev_tokens = previous.padded_token_ids if previous is not None else self._no_prev_tokens
         (logits, prompt_lp), self.kv_cache = self._run_forward(batch, targets, prev_tokens)
         out, padded = self._run_sample(logits, tensors, prev_tokens, flags)
-        dispatched = time.perf_counter()
-        for leaf in jax.tree_util.tree_leaves((out, prompt_lp)):
-            leaf.copy_to_host_async()  # start the (small) copy back now, not when the host asks
-        return StepHandle(out, prompt_lp, padded, batch.num_tokens, built - start, dispatched - built)
+        return StepHandle(out, prompt_lp, padded, batch.num_tokens)
+
+    def _send(self, kind: str, *args) -> None:
+        if self.channel is not None and self.channel.is_leader:
+            self.channel.send((kind, args))
+
+    def follow(self) -> None:
+        """A follower process of a multi-process run: make the device calls process 0 sends, in its order,
+        until it closes the channel."""
+        previous = None
+        while True:
+            kind, args = self.channel.receive()
+            if kind == "stop":
+                return
+            if kind == "step":
+                batch, tensors, flags, targets, use_previous = args
+                previous = self._step(batch, tensors, flags, targets, previous if use_previous else None)
+            elif kind == "copy":
+                self._copy_pairs(*args)
+            elif kind == "warmup":
+                self._jit_warmup(*args)
+
+    def close(self) -> None:
+        """Process 0 of a multi-process run: release the followers."""
+        self._send("stop")
+        self.channel = None
 
     @staticmethod
     def fetch(handle: StepHandle):
@@ -178,6 +271,10 @@ class ModelRunner:
         """Copy-on-write: duplicate whole blocks (all layers) before the step that writes them."""
         if not pairs:
             return
+        self._send("copy", pairs)
+        self._copy_pairs(pairs)
+
+    def _copy_pairs(self, pairs: list[tuple[int, int]]) -> None:
         n = 1 << (len(pairs) - 1).bit_length()  # bucket the count; padding repeats the first copy (idempotent)
         padded = list(pairs) + [pairs[0]] * (n - len(pairs))
         src, dst = (np.asarray(col, np.int32) for col in zip(*padded))
@@ -204,6 +301,9 @@ class ModelRunner:
         buckets those step sizes fall in. background: only the smallest and largest buckets are made ready
         here; the others load (or compile) on a thread while the engine serves, each step taking the smallest
         ready bucket that fits it (`wait_for_warmup` joins the thread). Returns the seconds spent here."""
+        if self.plan is not None or self.channel is not None:
+            self._send("warmup", param_variants, token_counts)
+            return self._jit_warmup(param_variants, token_counts)
         start = time.perf_counter()
         self.wait_for_warmup()
         buckets = sorted({bucket(n, self.buckets) for n in token_counts}) if token_counts else list(self.buckets)
@@ -227,6 +327,25 @@ class ModelRunner:
             self._background = threading.Thread(target=self._provide_later, args=(later,), daemon=True,
                                                 name="jaxinfer-warmup")
             self._background.start()
+        return time.perf_counter() - start
+
+    def _jit_warmup(self, param_variants, token_counts=None) -> float:
+        """A mesh or multi-process runner: one padding step per bucket and variant through the jits, which compile
+        each (JAX's persistent cache serves XLA's part); followers replay it."""
+        start = time.perf_counter()
+        buckets = sorted({bucket(n, self.buckets) for n in token_counts}) if token_counts else self.buckets
+        jobs = [(t, p) for t in buckets for p in param_variants]
+        for num_tokens, params in tqdm(jobs, desc="compiling step buckets", unit="bucket"):
+            # A batch of padding only: it writes nothing to the cache.
+            batch = self.prepare([], min_tokens=num_tokens * self.num_microbatches)
+            rows = [sampler.RowInfo(params=params, seed=0, step=0, prompt_token_ids=[0], output_token_ids=[])]
+            tensors, flags = sampler.make_sampling_tensors(rows, batch.logits_indices.shape[0],
+                                                           self.config.vocab_size)
+            jax.block_until_ready(self._step(batch, tensors, flags, None, None).padded_token_ids)
+        n = 1
+        while n <= self.max_num_seqs:  # copy-on-write block copies, bucketed by count
+            self._copy_pairs([(0, 0)] * n)
+            n *= 2
         return time.perf_counter() - start
 
     warmup_steps_s = 0.0  # the padding steps of the last warmup()
@@ -312,5 +431,10 @@ def _flags_name(flags: sampler.SamplingFlags) -> str:
     return ",".join(f"{k}={v}" for k, v in flags._asdict().items())
 
 
-def _copy_blocks(kv_cache, src, dst):
-    return tuple((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in kv_cache)
+def _copy_blocks(kv_cache, src, dst, block_axis: int = 1):
+    """Copy whole blocks src -> dst in every layer's pages ([(stage,) kv heads, blocks, ...])."""
+    def copy(pages):
+        index = (slice(None),) * block_axis
+        return pages.at[index + (dst,)].set(pages[index + (src,)])
+
+    return tuple((copy(k), copy(v)) for k, v in kv_cache)

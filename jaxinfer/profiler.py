@@ -137,9 +137,12 @@ def _in_use(device) -> tuple[int, int | None, str]:
 
 def profile_engine(engine, requests, *, workspace: bool = True) -> MemoryProfile:
     """Run `requests` ((prompt ids, SamplingParams) pairs) to completion, sampling memory and the block pool
-    before the first step and after every step."""
-    device = jax.devices()[0]
+    before the first step and after every step. A sharded engine is profiled on the device of its mesh that
+    holds the most weights and KV pages (all its figures are that device's)."""
     runner = engine.runner
+    devices = [d for d in runner.plan.mesh.devices.flat if d.process_index == jax.process_index()] \
+        if runner.plan is not None else jax.devices()[:1]
+    device = max(devices, key=lambda d: device_bytes((runner.params, runner.kv_cache), d))
     weights = device_bytes(runner.params, device)
     samples: list[MemorySample] = []
 

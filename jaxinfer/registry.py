@@ -33,7 +33,7 @@ def resolve_model(model: str) -> str:
         return NAMED_MODELS[key]()
     if key.startswith("random:"):
         name = model.split(":", 1)[1]
-        if name not in list_presets():
+        if name not in list_presets() and not (name.endswith(".json") and os.path.isfile(name)):
             raise UnknownModelError(f"unknown preset {name!r} for random weights; presets: {list_presets()}")
         return model
     if os.path.exists(model):

@@ -13,6 +13,12 @@ the standalone jitted version). Order, as vLLM:
 Logprobs are of the model's RAW distribution: log_softmax of the logits as given (before penalties,
 suppression and temperature), vLLM's default (`logprobs_mode="raw_logprobs"`).
 
+Vocab-parallel (tensor / pipeline parallelism): `sample` runs inside shard_map on each device's slice of the
+vocabulary, `vocab=VocabShard(axes)`. Every full-vocabulary pass stays local and only per-row results cross
+devices: the argmax is a max and a min-index all-reduce of [S] values, top-k / top-p thresholds gather each shard's
+top candidates ([S, shards * K]), the draw gathers per-block masses ([S, V / 128]) and picks the block, then its
+owner picks the token. The full vocabulary is never gathered.
+
 Randomness is per row and batch invariant: a row's key is fold_in(key(seed), step), seed being the user's seed
 or a request-level seed the engine drew once, step the index of the token being generated. Every op is row-wise,
 so a row samples the same token whatever else is in the batch and wherever it sits.
@@ -34,8 +40,10 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.vocab_parallel import WHOLE_VOCAB, VocabShard
 
 CANDIDATE_BUCKETS = (64, 256, 1024)  # lax.top_k widths; a larger top_k is resolved by bisection
 TOP_P_CANDIDATES = 256   # the nucleus usually fits; a step where one does not pays the bisection
@@ -233,21 +241,24 @@ class SamplerOutput(NamedTuple):
 
 
 def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplingFlags,
-           eos_token_ids: tuple[int, ...] = (), prev_token_ids: jax.Array | None = None) -> SamplerOutput:
-    """One token per row of `logits` [S, V]. `flags` and `eos_token_ids` must be static under jit.
-    prev_token_ids: the previous step's sampled ids, which penalties' pending_row entries read."""
+           eos_token_ids: tuple[int, ...] = (), prev_token_ids: jax.Array | None = None,
+           vocab: VocabShard = WHOLE_VOCAB) -> SamplerOutput:
+    """One token per row of `logits` [S, V] (this shard's [S, V / shards] under shard_map with `vocab`). `flags`
+    and `eos_token_ids` must be static under jit. prev_token_ids: the previous step's sampled ids, which
+    penalties' pending_row entries read."""
     raw = logits.astype(jnp.float32)
-    S, V = raw.shape
+    S, local = raw.shape
+    V, offset = vocab.size(local), vocab.offset(local)
     x = raw
     if flags.any_penalties:
         pen = tensors.penalties
         if prev_token_ids is not None:
             pen = add_pending_tokens(pen, prev_token_ids)
-        x = apply_penalties(x, pen)
+        x = apply_penalties(x, pen, offset)
     if flags.any_min_tokens:
-        x = _suppress_stop_tokens(x, tensors, eos_token_ids)
+        x = _suppress_stop_tokens(x, tensors, eos_token_ids, offset)
 
-    greedy_tokens, m = _first_argmax(x)
+    greedy_tokens, m = _first_argmax(x, vocab)
     if flags.all_greedy:
         tokens = greedy_tokens
     else:
@@ -259,29 +270,44 @@ def sample(logits: jax.Array, tensors: SamplingTensors, flags: SamplingFlags,
         # intersect, so one max of thresholds equals applying them one after another in vLLM's order.
         thr = m + t * jnp.log(tensors.min_p)
         if flags.num_candidates:
-            thr = jnp.maximum(thr, _top_k_top_p_threshold(x, m, 1.0 / t, tensors, min(flags.num_candidates, V)))
-        sampled = _inverse_cdf(x, m, 1.0 / t, thr, _row_uniforms(tensors))
+            thr = jnp.maximum(thr, _top_k_top_p_threshold(x, m, 1.0 / t, tensors, min(flags.num_candidates, V),
+                                                          vocab))
+        sampled = _inverse_cdf(x, m, 1.0 / t, thr, _row_uniforms(tensors), vocab)
         tokens = jnp.where(tensors.greedy, greedy_tokens, sampled)
 
     if flags.num_logprobs < 0:
         return SamplerOutput(tokens, jnp.zeros((S,), jnp.float32), jnp.zeros((S, 0), jnp.int32),
                              jnp.zeros((S, 0), jnp.float32))
-    return SamplerOutput(tokens, *compute_logprobs(raw, tokens, flags.num_logprobs))
+    return SamplerOutput(tokens, *compute_logprobs(raw, tokens, flags.num_logprobs, vocab))
 
 
 sample_jit = jax.jit(sample, static_argnames=("flags", "eos_token_ids"))
 
 
-def compute_logprobs(logits: jax.Array, token_ids: jax.Array, k: int):
+def compute_logprobs(logits: jax.Array, token_ids: jax.Array, k: int, vocab: VocabShard = WHOLE_VOCAB):
     """(logprob [N] at token_ids, top-k ids [N, k], top-k logprobs [N, k]) of log_softmax(logits [N, V]),
     descending. Also what prompt logprobs need."""
     logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    chosen = jnp.take_along_axis(logits, token_ids[:, None].astype(jnp.int32), axis=-1)[:, 0] - lse
+    n, local = logits.shape
+    token_ids = token_ids.astype(jnp.int32)
+    if not vocab.axes:
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0] - lse
+    else:  # log-sum-exp from per-shard partial sums; the chosen logit from the shard that owns the id
+        m = vocab.max(logits)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        lse = m + jnp.log(vocab.sum(jnp.exp(logits - m[:, None])))
+        ids = token_ids - vocab.offset(local)
+        own = (ids >= 0) & (ids < local)
+        mine = jnp.take_along_axis(logits, jnp.where(own, ids, 0)[:, None], axis=-1)[:, 0]
+        chosen = vocab.psum(jnp.where(own, mine, 0.0)) - lse
     if k <= 0:
-        n = logits.shape[0]
         return chosen, jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), jnp.float32)
-    vals, ids = jax.lax.top_k(logits, k)
+    vals, ids = jax.lax.top_k(logits, min(k, local))
+    if vocab.axes:  # each shard's top k, gathered ([N, shards * k]), then the top k of those: exact
+        vals, ids = vocab.gather(vals), vocab.gather(ids.astype(jnp.int32) + vocab.offset(local))
+        vals, pos = jax.lax.top_k(vals, k)
+        ids = jnp.take_along_axis(ids, pos, axis=-1)
     return chosen, ids.astype(jnp.int32), vals - lse[:, None]
 
 
@@ -297,12 +323,13 @@ def add_pending_tokens(pen: PenaltyTensors, prev_token_ids: jax.Array) -> Penalt
         output_counts=jnp.concatenate([pen.output_counts + match, (new_id >= 0).astype(jnp.float32)], axis=1))
 
 
-def apply_penalties(logits: jax.Array, pen: PenaltyTensors) -> jax.Array:
+def apply_penalties(logits: jax.Array, pen: PenaltyTensors, offset=0) -> jax.Array:
     """vLLM: repetition on tokens seen in prompt or output (positive logits divided, the others multiplied), then
-    frequency * output count and presence * (output count > 0) subtracted. Touches only the U distinct tokens."""
+    frequency * output count and presence * (output count > 0) subtracted. Touches only the U distinct tokens.
+    `offset`: the first vocabulary id of these logits (a vocab-parallel shard edits the ids it holds)."""
     S, V = logits.shape
-    ids = pen.token_ids
-    valid = ids >= 0
+    ids = pen.token_ids - offset
+    valid = (pen.token_ids >= 0) & (ids >= 0) & (ids < V)
     cur = jnp.take_along_axis(logits, jnp.where(valid, ids, 0), axis=1)
     rep = pen.repetition[:, None]
     cnt = pen.output_counts
@@ -313,17 +340,19 @@ def apply_penalties(logits: jax.Array, pen: PenaltyTensors) -> jax.Array:
     return logits.at[rows, jnp.where(valid, ids, V)].set(new, mode="drop")
 
 
-def _suppress_stop_tokens(x, tensors: SamplingTensors, eos_token_ids):
+def _suppress_stop_tokens(x, tensors: SamplingTensors, eos_token_ids, offset=0):
     """-inf at EOS / stop ids of rows under min_tokens: a scatter of S*(E+NS) entries, not an [S, V] mask."""
     S, V = x.shape
     parts = []
     if eos_token_ids:
-        parts.append(jnp.where(tensors.suppress_eos[:, None], jnp.asarray(eos_token_ids, jnp.int32)[None, :], V))
+        parts.append(jnp.where(tensors.suppress_eos[:, None], jnp.asarray(eos_token_ids, jnp.int32)[None, :], -1))
     if tensors.stop_ids.shape[1]:
-        parts.append(jnp.where(tensors.stop_ids >= 0, tensors.stop_ids, V))
+        parts.append(tensors.stop_ids)
     if not parts:
         return x
     ids = jnp.concatenate(parts, axis=1)
+    local = ids - offset
+    ids = jnp.where((ids >= 0) & (local >= 0) & (local < V), local, V)
     rows = jnp.broadcast_to(jnp.arange(S)[:, None], ids.shape)
     return x.at[rows, ids].set(-jnp.inf, mode="drop")  # id V (= not suppressed) is dropped
 
@@ -343,16 +372,23 @@ def _first_true(mask):
     return jnp.minimum(jnp.min(jnp.where(mask, iota, n), axis=-1), n - 1)
 
 
-def _first_argmax(x):
+def _first_argmax(x, vocab: VocabShard = WHOLE_VOCAB):
     """(lowest index of the row max, row max), as jnp.argmax, via block maxima: XLA CPU's variadic argmax and
-    a full-width where/min-index pass both cost ~10x a plain max."""
+    a full-width where/min-index pass both cost ~10x a plain max. Vocab-parallel: the global max, then the
+    lowest id among the shards that hold it (two all-reduces of [S])."""
     xb = _blocks(x)
     bmax = jnp.max(xb, axis=-1)
     m = jnp.max(bmax, axis=-1)
     b = _first_true(bmax == m[:, None])
     inner = jnp.take_along_axis(xb, b[:, None, None], axis=1)[:, 0]
     j = _first_true(inner == m[:, None])  # NaN rows match nothing -> clipped, harmless
-    return jnp.minimum(b * BLOCK + j, x.shape[1] - 1).astype(jnp.int32), m
+    local = x.shape[1]
+    idx = jnp.minimum(b * BLOCK + j, local - 1).astype(jnp.int32)
+    if not vocab.axes:
+        return idx, m
+    top = vocab.pmax(m)
+    idx = lax.pmin(jnp.where(m == top, idx + vocab.offset(local), jnp.iinfo(jnp.int32).max), vocab.axes)
+    return jnp.minimum(idx, vocab.size(local) - 1).astype(jnp.int32), top
 
 
 def _row_uniforms(tensors: SamplingTensors) -> jax.Array:
@@ -365,11 +401,13 @@ def _row_uniforms(tensors: SamplingTensors) -> jax.Array:
     return jax.vmap(one)(keys, tensors.step)
 
 
-def _inverse_cdf(x, m, inv_t, thr, u):
+def _inverse_cdf(x, m, inv_t, thr, u, vocab: VocabShard = WHOLE_VOCAB):
     """Draw i with probability w_i / sum(w), w = exp((x - m) / T) where x >= thr else 0: a block by its mass with
     u[:, 0], then a token in it with u[:, 1] (P = M_b/Z * w_i/M_b, each level float32-exact at its own scale).
     w is recomputed from x rather than stored, so the block sums fuse into one read of x. Clamping to the last
-    non-empty block/token guards the float round-up of r * total."""
+    non-empty block/token guards the float round-up of r * total. Vocab-parallel: the block masses of all shards
+    are gathered (in vocabulary order, so the same block is drawn as on one device when a shard holds whole
+    blocks), and the shard that owns the block picks the token."""
     def weights(xs, shape):
         return jnp.where(xs >= thr.reshape(shape), jnp.exp((xs - m.reshape(shape)) * inv_t.reshape(shape)), 0.0)
 
@@ -380,25 +418,34 @@ def _inverse_cdf(x, m, inv_t, thr, u):
         return jnp.minimum(j, jnp.max(jnp.where(w > 0, iota, 0), axis=-1)).astype(jnp.int32)
 
     xb = _blocks(x)
-    b = pick(jnp.sum(weights(xb, (-1, 1, 1)), axis=-1), u[:, 0])
-    inner = jnp.take_along_axis(xb, b[:, None, None], axis=1)[:, 0]
-    return b * BLOCK + pick(weights(inner, (-1, 1)), u[:, 1])
+    b = pick(vocab.gather(jnp.sum(weights(xb, (-1, 1, 1)), axis=-1)), u[:, 0])
+    if not vocab.axes:
+        inner = jnp.take_along_axis(xb, b[:, None, None], axis=1)[:, 0]
+        return b * BLOCK + pick(weights(inner, (-1, 1)), u[:, 1])
+    per_shard = xb.shape[1]
+    owner, local_b = b // per_shard, b % per_shard
+    inner = jnp.take_along_axis(xb, local_b[:, None, None], axis=1)[:, 0]
+    token = vocab.offset(x.shape[1]) + local_b * BLOCK + pick(weights(inner, (-1, 1)), u[:, 1])
+    return vocab.psum(jnp.where(owner == lax.axis_index(vocab.axes), token, 0))
 
 
 # ---- top_k / top_p thresholds ----
-def _top_k_top_p_threshold(x, m, inv_t, tensors: SamplingTensors, K: int):
+def _top_k_top_p_threshold(x, m, inv_t, tensors: SamplingTensors, K: int, vocab: VocabShard = WHOLE_VOCAB):
     """Per-row logit threshold for top_k, then top_p on the top_k-renormalised distribution; exact and
     tie-inclusive like vLLM's sort-based version: top_k keeps x >= the k-th largest; top_p keeps the tokens
     whose descending-order mass before them is < top_p (so at least the max)."""
-    S, V = x.shape
-    vals, _ = jax.lax.top_k(x, K)  # [S, K] descending
+    S, local = x.shape
+    V = vocab.size(local)
+    vals, _ = jax.lax.top_k(x, min(K, local))  # [S, K] descending
+    if vocab.axes:  # the global top K lie among the shards' top K
+        vals, _ = jax.lax.top_k(vocab.gather(vals), K)
     k, p = tensors.top_k, tensors.top_p
     exact = K >= V  # the candidates are the whole vocab
 
     t_k = jnp.where(k > 0, jnp.take_along_axis(vals, jnp.clip(k - 1, 0, K - 1)[:, None], axis=1)[:, 0], -jnp.inf)
     if not exact:
         far_k = k > K
-        t_k = jax.lax.cond(jnp.any(far_k), lambda: jnp.where(far_k, _kth_largest(x, k), t_k), lambda: t_k)
+        t_k = jax.lax.cond(jnp.any(far_k), lambda: jnp.where(far_k, _kth_largest(x, k, vocab), t_k), lambda: t_k)
 
     want_p = p < 1.0
     ce = jnp.cumsum(jnp.where(vals >= t_k[:, None], jnp.exp((vals - m[:, None]) * inv_t[:, None]), 0.0), axis=-1)
@@ -407,7 +454,8 @@ def _top_k_top_p_threshold(x, m, inv_t, tensors: SamplingTensors, K: int):
         # Otherwise (no top_k, or a tie at the k-th value that may run past the candidates) one exp pass.
         # (min, not vals[:, K-1]: XLA CPU rewrites a static slice of top_k into a full sort, ~4 s here.)
         full = want_p & ~((k > 0) & (jnp.min(vals, axis=-1) < t_k))
-        z = jax.lax.cond(jnp.any(full), lambda: jnp.where(full, _mass_at_least(x, m, inv_t, t_k), z), lambda: z)
+        z = jax.lax.cond(jnp.any(full), lambda: jnp.where(full, _mass_at_least(x, m, inv_t, t_k, vocab), z),
+                         lambda: z)
     target = p * z
     j = jnp.sum(ce < target[:, None], axis=-1)  # first candidate whose inclusive mass reaches the target
     found = j < K
@@ -415,13 +463,14 @@ def _top_k_top_p_threshold(x, m, inv_t, tensors: SamplingTensors, K: int):
     t_p = jnp.where(want_p & found, t_p, -jnp.inf)  # (exact and not found: float shortfall, keep all)
     if not exact:
         far_p = want_p & ~found  # the nucleus reaches past the candidates
-        t_p = jax.lax.cond(jnp.any(far_p), lambda: jnp.where(far_p, _nucleus_threshold(x, m, inv_t, t_k, target), t_p),
+        t_p = jax.lax.cond(jnp.any(far_p),
+                           lambda: jnp.where(far_p, _nucleus_threshold(x, m, inv_t, t_k, target, vocab), t_p),
                            lambda: t_p)
     return jnp.maximum(t_k, t_p)
 
 
-def _mass_at_least(x, m, inv_t, t):
-    return jnp.sum(jnp.where(x >= t[:, None], jnp.exp((x - m[:, None]) * inv_t[:, None]), 0.0), axis=-1)
+def _mass_at_least(x, m, inv_t, t, vocab: VocabShard = WHOLE_VOCAB):
+    return vocab.sum(jnp.where(x >= t[:, None], jnp.exp((x - m[:, None]) * inv_t[:, None]), 0.0))
 
 
 def _bisect_min_true(pred, num_rows: int):
@@ -437,7 +486,7 @@ def _bisect_min_true(pred, num_rows: int):
     return jax.lax.fori_loop(0, 32, body, init)[1]
 
 
-def _kth_largest(x, k):
+def _kth_largest(x, k, vocab: VocabShard = WHOLE_VOCAB):
     """k-th largest value per row: the smallest key t with count(x > value(t)) < k is that value's key. keys
     are a monotone float32 -> uint32 map (negative floats reversed); the predicate compares floats, which XLA CPU
     vectorises better than uint32."""
@@ -447,21 +496,21 @@ def _kth_largest(x, k):
     def pred(t):  # t clamped to [key(-inf), key(+inf)] so that it never decodes to a NaN
         t = jnp.clip(t, jnp.uint32(0x007FFFFF), jnp.uint32(0xFF800000))
         tf = jax.lax.bitcast_convert_type(jnp.where(t >> 31 == 1, t ^ jnp.uint32(0x80000000), ~t), jnp.float32)
-        return jnp.sum(x > tf[:, None], axis=-1) < k
+        return vocab.sum(x > tf[:, None]) < k
 
     t = _bisect_min_true(pred, x.shape[0])
-    return jnp.min(jnp.where(keys >= t[:, None], x, jnp.inf), axis=-1)
+    return vocab.min(jnp.where(keys >= t[:, None], x, jnp.inf))
 
 
-def _nucleus_threshold(x, m, inv_t, t_k, target):
+def _nucleus_threshold(x, m, inv_t, t_k, target, vocab: VocabShard = WHOLE_VOCAB):
     """The smallest weight w (within top_k) with mass(w' > w) < target, as a logit threshold. w >= 0, so its
     float bits are already monotone (and <= +inf's never decode to a NaN)."""
     w = jnp.where(x >= t_k[:, None], jnp.exp((x - m[:, None]) * inv_t[:, None]), 0.0)
 
     def pred(t):
         tf = jax.lax.bitcast_convert_type(jnp.minimum(t, jnp.uint32(0x7F800000)), jnp.float32)
-        return jnp.sum(jnp.where(w > tf[:, None], w, 0.0), axis=-1) < target
+        return vocab.sum(jnp.where(w > tf[:, None], w, 0.0)) < target
 
     t = _bisect_min_true(pred, x.shape[0])
     bits = jax.lax.bitcast_convert_type(w, jnp.uint32)
-    return jnp.min(jnp.where(bits >= t[:, None], x, jnp.inf), axis=-1)
+    return vocab.min(jnp.where(bits >= t[:, None], x, jnp.inf))

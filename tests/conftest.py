@@ -6,12 +6,29 @@ import os
 
 os.environ.setdefault("JAXINFER_QUIET", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# tests/multidevice/ runs in its own process with 8 virtual CPU devices (tests/test_multidevice.py starts it):
+# the device count must be set before JAX starts, and the rest of the suite runs on one device.
+MULTIDEVICE = os.environ.get("JAXINFER_MULTIDEVICE") == "1"
+if MULTIDEVICE:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+collect_ignore = [] if MULTIDEVICE else ["multidevice"]
+
+
+def pytest_collection_finish(session):
+    """Nothing imported during collection may have changed the device count of this process."""
+    import jax
+
+    want = 8 if MULTIDEVICE else 1
+    if jax.device_count() != want:
+        raise pytest.UsageError(f"this test process has {jax.device_count()} devices, expected {want}: something "
+                                "set XLA_FLAGS at import time")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxinfer.registry import resolve_model  # noqa: E402
+from parallel_fixtures import llama_layout, smollm_truncated  # noqa: E402,F401  (multi-device tests' models)
 
 
 @pytest.fixture(scope="session")

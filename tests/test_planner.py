@@ -8,11 +8,8 @@ what the same formula gives with 32 layers, i.e. Llama-3.1-8B.
 from __future__ import annotations
 
 import json
-import math
-import os
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
@@ -178,17 +175,22 @@ def test_tp_and_pp_split_heads_layers_and_replicate_what_cannot_split():
     assert p["parallelism"]["kv_heads_per_device"] == 1 and not p["parallelism"]["kv_heads_replicated"]
     replicated = plan(PlanRequest(model="llama-3.1-8b", tp=16 // 2, pp=2))  # 8 KV heads, TP 8: split
     assert replicated["parallelism"]["kv_heads_per_device"] == 1
-    p16 = plan(PlanRequest(model="llama-3.1-70b", gpu="B200", tp=16))  # 8 KV heads at TP 16: replicated
-    assert p16["parallelism"]["kv_heads_replicated"] and p16["parallelism"]["kv_heads_per_device"] == 8
+    # 8 KV heads at TP 16: each replicated over two KV slots, one slot per device (jaxinfer.sharding.head_layout)
+    p16 = plan(PlanRequest(model="llama-3.1-70b", gpu="B200", tp=16))
+    assert p16["parallelism"]["kv_heads_replicated"] and p16["parallelism"]["kv_heads_per_device"] == 1
     assert any("replicated" in n for n in p16["notes"])
     pp = plan(PlanRequest(model="smollm2-135m", gpu="L4", pp=2))
     assert pp["parallelism"]["stage_layers"] == [[0, 15], [15, 30]]
-    lm_head = 576 * 49152 * 2
-    # tied embeddings: both stages hold the [hidden, vocab] matrix; layers split evenly
-    assert sum(pp["weights"]["per_stage_device_bytes"]) == base + lm_head
+    lm_head, norm = 576 * 49152 * 2, 576 * 2
+    # tied embeddings: the one [hidden, vocab] matrix is vocab-parallel over both stages; the final norm on both
+    assert sum(pp["weights"]["per_stage_device_bytes"]) == base + norm
+    assert pp["weights"]["per_stage_device_bytes"][0] == (base - lm_head - norm) // 2 + lm_head // 2 + norm
     assert pp["communication"]["p2p_bytes_per_token"] == 576 * 2
-    with pytest.raises(ValueError, match="query heads"):
-        plan(PlanRequest(model="smollm2-135m", tp=2))  # 9 heads
+    # 9 query / 3 KV heads at TP 2: 12 query heads (3 zero) over 4 KV slots, 6 and 2 per device
+    p2 = plan(PlanRequest(model="smollm2-135m", tp=2))["parallelism"]
+    assert (p2["q_heads_per_device"], p2["kv_heads_per_device"], p2["query_heads_padded"]) == (6, 2, 3)
+    with pytest.raises(ValueError, match="intermediate_size"):
+        plan(PlanRequest(model="smollm2-135m", tp=5))  # MLP 1536
     with pytest.raises(ValueError, match="group size"):
         plan(PlanRequest(model="smollm2-135m", weight_dtype="int4", group_size=128))  # hidden 576
 
@@ -197,6 +199,7 @@ def test_kv_budget_formula_on_an_accelerator():
     stats = {"bytes_limit": 60 * GiB, "bytes_in_use": 10 * GiB}
     assert kv_budget_bytes(None, 0.9, stats) == 60 * GiB * 0.9 - 10 * GiB
     assert kv_budget_bytes(None, 0.9, None) == 2 * GiB          # CPU
+    assert kv_budget_bytes(None, 0.9, None, num_devices=4) == GiB / 2  # CPU devices share the host's memory
     assert kv_budget_bytes(0.5, 0.9, stats) == 0.5 * GiB        # explicit budget wins
     assert num_kv_blocks(10 * 1000 + 999, 1000, 64, 16) == 10
     assert num_kv_blocks(-5.0, 1000, 100, 16) == 7               # never less than one max_model_len sequence
@@ -247,80 +250,4 @@ def test_plan_equals_engine_allocation_from_the_memory_budget():
     assert p["kv_cache"]["allocated_bytes_per_device"] == _array_bytes(runner.kv_cache)
 
 
-_SHARDED = textwrap.dedent("""
-    import dataclasses, json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from jaxinfer.config import ModelConfig
-    from jaxinfer.loaders.common import random_params
-    from jaxinfer.model import init_kv_cache
-    from jaxinfer.params import Kind, global_specs, iter_leaves, layer_specs, model_specs, set_leaf
-    from jaxinfer.profiler import device_bytes
-    from jaxinfer.quantization import quantize
-
-
-    def measure(tp, pp, bits, kv_heads, tied):
-        config = ModelConfig(**TINY, num_kv_heads=kv_heads, tie_word_embeddings=bool(tied))
-        params = random_params(config, jnp.float32)
-        for spec, w in list(iter_leaves(params, model_specs(config))):
-            if bits and spec.kind == Kind.LINEAR:
-                set_leaf(params, spec, quantize(w, bits=bits, group_size=16))
-        # Placement written here from the issue's rules, independently of the planner: q/kv heads, MLP and
-        # vocab over the tensor axis (KV heads replicated when they do not divide), embed replicated; equal
-        # contiguous layer stages, the embedding on the first, final norm and LM head on the last (a tied
-        # matrix on both).
-        split = {"q_heads", "mlp", "vocab"} | ({"kv_heads"} if kv_heads % tp == 0 else set())
-        glob = {s.name: s for s in global_specs(config)}
-        devices = np.array(jax.devices()[:tp * pp]).reshape(pp, tp)
-        placed, per = [], config.num_layers // pp
-        for stage in range(pp):
-            mesh = Mesh(devices[stage], ("t",))
-            specs = [s for i in range(stage * per, (stage + 1) * per) for s in layer_specs(config, i)]
-            if stage == 0:
-                specs.append(glob["lm_head" if tied else "embed"])
-            if stage == pp - 1:
-                specs += [glob["final_norm"]] + ([glob["lm_head"]] if not (tied and pp == 1) else [])
-            for spec, value in iter_leaves(params, specs):
-                for leaf in jax.tree_util.tree_leaves(value):
-                    axes = spec.axes[:leaf.ndim]
-                    sharding = NamedSharding(mesh, PartitionSpec(*["t" if a in split else None for a in axes]))
-                    placed.append(jax.device_put(leaf, sharding))
-            cache = init_kv_cache(dataclasses.replace(config, num_layers=per), 8, 4, jnp.float32)
-            kv_spec = PartitionSpec("t") if kv_heads % tp == 0 else PartitionSpec()
-            placed.append(jax.device_put(cache, NamedSharding(mesh, kv_spec)))
-        return [[device_bytes(placed, d) for d in row] for row in devices]
-
-
-    TINY = json.loads(sys.argv[1])
-    print(json.dumps([measure(*case) for case in json.loads(sys.argv[2])]))
-""")
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=8, head_dim=16)
-# (tp, pp, bits, kv_heads, tied): KV split / KV replicated + int4 + tied over two stages / int8 over 2 x 2
-SHARDED_CASES = [(4, 1, 0, 4, 0), (4, 2, 4, 2, 1), (2, 2, 8, 2, 0)]
-
-
-def test_per_device_bytes_equal_sharded_arrays_on_8_cpu_devices():
-    """Weights (plain and packed) and KV pages placed with NamedSharding on a (pp, tp) grid of virtual CPU
-    devices; every device's bytes equal the planner's per-device figure for its stage.
-    TODO(scale-out merge): place them with jaxinfer.sharding's rules and the engine's loader instead."""
-    from jaxinfer.config import ModelConfig
-
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXINFER_QUIET="1")
-    out = subprocess.run([sys.executable, "-c", _SHARDED, json.dumps(TINY), json.dumps(SHARDED_CASES)],
-                         capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads(out.stdout.strip().splitlines()[-1])
-    for (tp, pp, bits, kv_heads, tied), measured in zip(SHARDED_CASES, results):
-        config = ModelConfig(**TINY, num_kv_heads=kv_heads, tie_word_embeddings=bool(tied))
-        p = plan(PlanRequest(model=config, gpu=CPU, weight_dtype=f"int{bits}" if bits else "float32",
-                             dtype="float32", scale_dtype="float32", group_size=16, tp=tp, pp=pp, num_kv_blocks=8,
-                             block_size=4, max_model_len=32))
-        kv_heads_dev = p["parallelism"]["kv_heads_per_device"]
-        assert kv_heads_dev == (kv_heads // tp if kv_heads % tp == 0 else kv_heads)
-        for stage, row in enumerate(measured):
-            a, b = p["parallelism"]["stage_layers"][stage]
-            kv = 8 * 4 * config.kv_bytes_per_token(4, num_layers=b - a, num_kv_heads=kv_heads_dev)
-            expected = p["weights"]["per_stage_device_bytes"][stage] + kv
-            assert len(set(row)) == 1  # every device of a stage holds the same amount
-            assert math.isclose(row[0], expected, rel_tol=0.02), (tp, pp, bits, stage, row, expected)
+# Per-device bytes against the engine's own placement on 8 virtual CPU devices: tests/multidevice/test_planner_layout.py

@@ -17,9 +17,9 @@ def open_checkpoint(source: str) -> Checkpoint:
         from jaxinfer.config import load_preset
         from jaxinfer.loaders.common import random_params
 
-        config = load_preset(path.split(":", 1)[1])
-        return Checkpoint(path, config, lambda dtype, head_dtype=None: random_params(config, dtype,
-                                                                                      head_dtype=head_dtype))
+        config = _random_config(path.split(":", 1)[1])
+        return Checkpoint(path, config, lambda dtype, head_dtype=None, place=None: random_params(
+            config, dtype, head_dtype=head_dtype, place=place))
     if path.endswith(".gguf"):
         from jaxinfer.loaders.gguf import open_gguf_checkpoint
 
@@ -36,10 +36,21 @@ def open_checkpoint(source: str) -> Checkpoint:
                           "directory, or a jaxinfer orbax checkpoint directory")
 
 
-def load_params(checkpoint: Checkpoint, dtype, *, head_dtype=None, verbose: bool = True):
-    """The checkpoint's weights in `dtype` (the embedding and LM head in `head_dtype`), logging what was loaded."""
+def _random_config(name: str):
+    """`random:<preset>` (configs/models/) or `random:/path/to/config.json` (any HF config)."""
+    from jaxinfer.config import ModelConfig, load_preset
+    from jaxinfer.loaders.common import read_json
+
+    if name.endswith(".json") and os.path.isfile(name):
+        return ModelConfig.from_hf_config(read_json(name), name=os.path.basename(name)[:-5])
+    return load_preset(name)
+
+
+def load_params(checkpoint: Checkpoint, dtype, *, head_dtype=None, verbose: bool = True, place=None):
+    """The checkpoint's weights in `dtype` (the embedding and LM head in `head_dtype`), logging what was loaded.
+    place: where each tensor goes (`build_params`); None = the default device."""
     start = time.perf_counter()
-    params = checkpoint.load(dtype, head_dtype)
+    params = checkpoint.load(dtype, head_dtype, place)
     if verbose:
         config = checkpoint.config
         print(f"[jaxinfer] loaded {config.name or checkpoint.path}: {config.num_params / 1e6:.1f}M params, "

@@ -19,10 +19,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.loaders.common import Checkpoint, CheckpointError, params_nbytes, read_json
-from jaxinfer.params import Kind, model_specs
+from jaxinfer.params import Kind, iter_leaves, model_specs, set_leaf
 
 CONFIG_FILE = "jaxinfer_config.json"  # what jaxinfer.loaders.load_weights looks for
 PARAMS_DIR = "params"
@@ -66,13 +67,15 @@ def open_orbax_checkpoint(path: str) -> Checkpoint:
     """A checkpoint written by save_checkpoint: its config now, its weights when loaded."""
     path = os.path.abspath(os.path.expanduser(path))
     config, _ = _read_config(path)
-    return Checkpoint(path, config, lambda dtype, head_dtype=None: load_checkpoint(path, dtype, head_dtype)[1])
+    return Checkpoint(path, config, lambda dtype, head_dtype=None, place=None: load_checkpoint(
+        path, dtype, head_dtype, place)[1])
 
 
-def load_checkpoint(path: str, dtype=None, head_dtype=None) -> tuple[ModelConfig, dict]:
+def load_checkpoint(path: str, dtype=None, head_dtype=None, place=None) -> tuple[ModelConfig, dict]:
     """Restore (config, params) written by save_checkpoint. `dtype` casts the plain floating weights (None: as
     saved), `head_dtype` the embedding and LM head (default: dtype); quantized weights always keep their saved
-    codes and scale dtypes."""
+    codes and scale dtypes. With a `place` hook (see `common.build_params`) the tensors are restored to host
+    memory and each one is placed by the hook (e.g. straight into its shards)."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.path.expanduser(path))
@@ -92,18 +95,27 @@ def load_checkpoint(path: str, dtype=None, head_dtype=None) -> tuple[ModelConfig
 
         heads = {s.key for s in model_specs(config) if s.kind == Kind.HEAD}
 
-        def abstract(keypath, m):
+        def wanted_dtype(keypath, m):
             name = _path_str(keypath)
             want = head_dtype if head_dtype is not None and name in heads else dtype
-            cast = want is not None and not _under(name, quantized)
-            return jax.ShapeDtypeStruct(m.shape, _cast(m.dtype, want if cast else None), sharding=device)
+            return _cast(m.dtype, want if want is not None and not _under(name, quantized) else None)
 
-        target = jax.tree_util.tree_map_with_path(abstract, tree)
+        def abstract(keypath, m):
+            return jax.ShapeDtypeStruct(m.shape, wanted_dtype(keypath, m), sharding=device)
+
+        def host(keypath, m):  # numpy targets restore to host memory, in the saved dtype
+            return np.zeros(m.shape, m.dtype)
+
+        target = jax.tree_util.tree_map_with_path(abstract if place is None else host, tree)
         try:
             params = checkpointer.restore(params_dir, target)
         except Exception as e:  # orbax/tensorstore raise many types for missing or damaged chunks
             raise CheckpointError(f"cannot restore orbax checkpoint {params_dir}: {e}") from None
-    params = _join_quantized(params, quantized)
+    if place is not None:
+        params = jax.tree_util.tree_map_with_path(lambda kp, a, m: a.astype(wanted_dtype(kp, m)), params, tree)
+        params = _place_all(config, _join_quantized(params, quantized), place)
+    else:
+        params = _join_quantized(params, quantized)
     jax.block_until_ready(params)
     _log(f"restored {params_nbytes(params) / 2**20:.1f} MiB from {path} in {time.perf_counter() - start:.2f}s")
     return config, params
@@ -164,6 +176,13 @@ def _join_quantized(tree, quantized: dict, path: str = ""):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_join_quantized(v, quantized, _join(path, i)) for i, v in enumerate(tree))
     return tree
+
+
+def _place_all(config: ModelConfig, params: dict, place) -> dict:
+    out: dict = {}
+    for spec, value in iter_leaves(params, model_specs(config)):
+        set_leaf(out, spec, place(spec, value))
+    return out
 
 
 def _join(path: str, key) -> str:

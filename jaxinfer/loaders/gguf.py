@@ -158,10 +158,10 @@ def open_gguf_checkpoint(path: str) -> Checkpoint:
     reader = open_gguf(path)
     config = config_from_gguf(reader, name=os.path.basename(path))
 
-    def load(dtype, head_dtype=None):
+    def load(dtype, head_dtype=None, place=None):
         try:
             return build_params(config, gguf_tensor_getter(reader, config), dtype,
-                                desc=f"loading {os.path.basename(path)}", head_dtype=head_dtype)
+                                desc=f"loading {os.path.basename(path)}", head_dtype=head_dtype, place=place)
         except (ValueError, IndexError) as e:
             if isinstance(e, CheckpointError):
                 raise

@@ -29,11 +29,11 @@ def open_safetensors(path: str) -> Checkpoint:
         raise CheckpointError(f"model directory not found: {model_dir}")
     config = ModelConfig.from_hf_config(read_hf_config(model_dir), name=os.path.basename(model_dir))
 
-    def load(dtype, head_dtype=None):
+    def load(dtype, head_dtype=None, place=None):
         start = time.perf_counter()
         with _TensorSource(model_dir) as source:
             params = build_params(config, source.get, dtype, desc=f"loading {os.path.basename(model_dir)}",
-                                  head_dtype=head_dtype)
+                                  head_dtype=head_dtype, place=place)
         if os.environ.get("JAXINFER_QUIET", "") != "1":
             print(f"loaded {params_nbytes(params) / 2**20:.1f} MiB from {len(source.files)} safetensors file(s) "
                   f"in {time.perf_counter() - start:.2f}s")

@@ -102,6 +102,9 @@ def add_profile_args(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-gb", type=float, default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="profile a sharded engine (reports the device holding the most)")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--num-requests", type=int, default=16)
     p.add_argument("--min-input", type=int, default=16)
     p.add_argument("--max-input", type=int, default=128)
@@ -122,7 +125,8 @@ def cmd_profile(a) -> None:
 
     llm = LLM(model=a.model, dtype=a.dtype, weight_dtype=a.weight_dtype, max_model_len=a.max_model_len,
               max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-              num_kv_blocks=a.num_kv_blocks, kv_cache_memory_gb=a.kv_cache_memory_gb, block_size=a.block_size)
+              num_kv_blocks=a.num_kv_blocks, kv_cache_memory_gb=a.kv_cache_memory_gb, block_size=a.block_size,
+              tensor_parallel_size=a.tensor_parallel_size, pipeline_parallel_size=a.pipeline_parallel_size)
     engine = llm.engine
     requests = random_requests(engine.config.vocab_size, a.num_requests, seed=a.seed,
                                input_range=(a.min_input, a.max_input), output_range=(a.min_output, a.max_output))

@@ -27,11 +27,12 @@ import jax.numpy as jnp
 from jaxinfer.attention import DEFAULT_CHUNK_BLOCKS
 from jaxinfer.config import ModelConfig, list_presets, load_preset
 from jaxinfer.kv_budget import kv_budget_bytes, num_kv_blocks, resolve_max_model_len
-from jaxinfer.params import KV_HEADS, MLP, VOCAB
+from jaxinfer.params import VOCAB
 from jaxinfer.planner import roofline
 from jaxinfer.planner.hardware import Accelerator, get_accelerator
 from jaxinfer.planner.weights import (FLOAT_DTYPES, WeightFormat, canonical_dtype, dtype_bytes,
-                                      kv_heads_per_device, q_heads_per_device, shard_count, weight_report)
+                                      kv_heads_per_device, kv_heads_replicated, layout, q_heads_per_device,
+                                      query_heads_padded, shard_count, weight_report)
 
 JAX_GPU_MEM_FRACTION = 0.75  # XLA_PYTHON_CLIENT_MEM_FRACTION's default: the share of HBM JAX's allocator takes
 
@@ -90,8 +91,8 @@ def activation_estimate(config: ModelConfig, tp: int, act_bytes: int, tokens: in
     d, hd = config.hidden_size, config.head_dim
     q = q_heads_per_device(config, tp) * hd
     kv = kv_heads_per_device(config, tp) * hd
-    mlp = config.intermediate_size // shard_count(MLP, config, tp)
-    vocab = config.vocab_size // shard_count(VOCAB, config, tp)
+    local = layout(config, tp).local_config  # the engine's shard: padded heads, padded vocabulary slice
+    mlp, vocab = local.intermediate_size, local.vocab_size
     attention = tokens * (2 * d + 2 * q + 2 * kv) * act_bytes + \
         tokens * q_heads_per_device(config, tp) * DEFAULT_CHUNK_BLOCKS * block_size * 4
     mlp_phase = tokens * (2 * d + 3 * mlp) * act_bytes
@@ -118,15 +119,17 @@ def plan(req: PlanRequest) -> dict:
         raise ValueError(f"context_len={context} exceeds max_model_len={max_model_len}")
     prompt_len = req.prompt_len or context
 
-    # ---- KV pool: the engine's budget on each stage's devices; the block pool is global, so the tightest wins
+    # ---- KV pool: the engine's budget on each stage's devices; the block pool is global, so the tightest wins.
+    # Every device holds pages for as many layer slots as the largest stage has, and for its KV slots.
     kv_heads = kv_heads_per_device(config, req.tp)
+    layer_slots = len(weights.stages[0].layers)
     limit = device.memory_bytes * req.allocator_fraction if device.platform != "cpu" else device.memory_bytes
     per_stage = []
     for stage in weights.stages:
-        per_token = config.kv_bytes_per_token(dtype_bytes(kv_dtype), num_layers=len(stage.layers),
-                                              num_kv_heads=kv_heads)
+        per_token = config.kv_bytes_per_token(dtype_bytes(kv_dtype), num_layers=layer_slots, num_kv_heads=kv_heads)
         stats = {"bytes_limit": limit, "bytes_in_use": stage.bytes} if device.platform != "cpu" else None
-        budget = kv_budget_bytes(req.kv_cache_memory_gb, req.kv_cache_memory_fraction, stats)
+        budget = kv_budget_bytes(req.kv_cache_memory_gb, req.kv_cache_memory_fraction, stats,
+                                 num_devices=req.tp * req.pp)
         blocks = req.num_kv_blocks or num_kv_blocks(budget, per_token * req.block_size, max_model_len,
                                                     req.block_size)
         per_stage.append((per_token, budget, blocks))
@@ -172,7 +175,8 @@ def plan(req: PlanRequest) -> dict:
         "parallelism": {"tp": req.tp, "pp": req.pp, "devices": req.tp * req.pp,
                         "stage_layers": [[s.layers.start, s.layers.stop] for s in weights.stages],
                         "q_heads_per_device": q_heads_per_device(config, req.tp), "kv_heads_per_device": kv_heads,
-                        "kv_heads_replicated": req.tp > 1 and shard_count(KV_HEADS, config, req.tp) == 1},
+                        "kv_heads_replicated": kv_heads_replicated(config, req.tp),
+                        "query_heads_padded": query_heads_padded(config, req.tp)},
         "weights": {"format": fmt.describe(), "head_dtype": head, "total_bytes": weights.total_bytes,
                     "per_device_bytes": weights.stages[worst].bytes,
                     "per_stage_device_bytes": [s.bytes for s in weights.stages],
@@ -200,7 +204,7 @@ def plan(req: PlanRequest) -> dict:
         "communication": {"allreduce_payload_bytes_per_token": allreduce,
                           "allreduce_traffic_bytes_per_token_per_device": ring * allreduce,
                           "allreduces_per_token": (2 * config.num_layers + (1 if req.tp > 1 and shard_count(
-                              VOCAB, config, req.tp) > 1 else 0)) if req.tp > 1 else 0,
+                              VOCAB, config, req.tp, req.pp) > 1 else 0)) if req.tp > 1 else 0,
                           "p2p_bytes_per_token": sum(c.p2p_bytes for c in costs)},
         "notes": notes,
     }
@@ -217,13 +221,15 @@ def _step_dict(s: roofline.StepEstimate, pp: int) -> dict:
 
 def _notes(config: ModelConfig, req: PlanRequest, device: Accelerator, kv_dtype: str, forced: bool) -> list[str]:
     notes = []
-    if req.tp > 1 and shard_count(KV_HEADS, config, req.tp) == 1:
-        notes.append(f"{config.num_kv_heads} KV heads do not split {req.tp} ways: k/v projections and KV pages "
-                     "are replicated on every device of the tensor axis")
-    if req.tp > 1 and shard_count(VOCAB, config, req.tp) == 1:
-        notes.append(f"vocabulary {config.vocab_size} does not split {req.tp} ways: embedding and LM head replicated")
-    if req.pp > 1 and config.tie_word_embeddings:
-        notes.append("tied embeddings: the first and last stages each hold the [hidden, vocab] matrix")
+    if kv_heads_replicated(config, req.tp):
+        notes.append(f"{config.num_kv_heads} KV heads do not split {req.tp} ways: they are laid out over "
+                     f"{kv_heads_per_device(config, req.tp) * req.tp} KV slots (heads replicated), with their k/v "
+                     "projections and KV pages")
+    if query_heads_padded(config, req.tp):
+        notes.append(f"{config.num_heads} query heads do not split {req.tp} ways: {query_heads_padded(config, req.tp)}"
+                     " zero heads pad them (computed, and stored in q / o)")
+    if config.vocab_size % (req.tp * req.pp):
+        notes.append(f"vocabulary {config.vocab_size} is padded to split {req.tp * req.pp} ways")
     if kv_dtype not in FLOAT_DTYPES:
         notes.append(f"KV dtype {kv_dtype}: the engine does not store KV in it yet (float32/bfloat16/float16)")
     if forced:

@@ -50,10 +50,10 @@ def stage_costs(config: ModelConfig, weights: WeightReport, *, tp: int, pp: int,
         head_flops = head_act = 0
         for spec in specs:
             if spec.kind not in (Kind.LINEAR, Kind.HEAD) or (spec.name == "lm_head" and index < pp - 1):
-                continue  # norms, biases; a tied matrix's lookup copy on the first of several stages
+                continue  # norms, biases; the LM head runs once, after the last stage, each device its slice
             if spec.name == "embed":
                 continue
-            k, n = device_shape(spec.shape, spec.axes, config, tp)
+            k, n = device_shape(spec.shape, spec.axes, config, tp, pp)
             if spec.kind == Kind.LINEAR:
                 linear_flops += 2 * k * n
                 act += (k + n) * act_bytes
@@ -61,7 +61,7 @@ def stage_costs(config: ModelConfig, weights: WeightReport, *, tp: int, pp: int,
                 head_flops += 2 * k * n
                 head_act += (k + n) * 4
         layers = len(weights.stages[index].layers)
-        vocab_split = shard_count(VOCAB, config, tp) > 1
+        vocab_split = shard_count(VOCAB, config, tp, pp) > 1
         allreduce = (2 * layers + (1 if index == 0 and vocab_split else 0)) * d * act_bytes if tp > 1 else 0
         out.append(StageCost(
             num_layers=layers, streamed_bytes=weights.stages[index].streamed_bytes, linear_flops=linear_flops,

@@ -6,9 +6,10 @@ permutation): the planner asks JAX for those leaves' shapes (`jax.eval_shape`), 
 `jaxinfer.quantization` stores. Only LINEAR parameters are quantized (as GPTQ/AWQ checkpoints do); the embedding
 and LM head stay at the head dtype, norms and biases at the float dtype.
 
-Per device: `shard_count` is the one place that says how the tensor axis splits a logical axis, and
-`stage_specs` which parameters each pipeline stage holds.
-TODO(scale-out merge): switch `shard_count` to read `jaxinfer.sharding`'s rules table so the two cannot drift.
+Per device: the engine's own layout (`jaxinfer.sharding.ShardingPlan` on a device-free `AbstractMesh`) says how
+each logical axis is stored (heads padded or replicated by the head layout, the vocabulary padded) and into how
+many shards the rules split it (`shard_count`), and `stage_specs` which parameters each device of a pipeline
+stage holds. So the planner cannot drift from what the engine places (tests/multidevice/test_planner_layout.py).
 """
 from __future__ import annotations
 
@@ -19,15 +20,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.config import ModelConfig
-from jaxinfer.params import (KV_HEADS, MLP, Q_HEADS, VOCAB, Kind, ParamSpec, global_specs, layer_specs,
-                             model_specs)
-from jaxinfer.quantization.weight import QuantLayout
+from jax.sharding import AbstractMesh
 
-# Logical axes the Megatron layout splits over the tensor axis (q/k/v, gate/up column-parallel; o, down
-# row-parallel; embedding and LM head vocab-parallel). `embed` (the residual stream) is never split: norms and
-# the hidden side of every matrix are whole on each device.
-TENSOR_PARALLEL_AXES = (Q_HEADS, KV_HEADS, MLP, VOCAB)
+from jaxinfer import sharding
+from jaxinfer.config import ModelConfig
+from jaxinfer.params import Kind, ParamSpec, global_specs, layer_specs, model_specs
+from jaxinfer.quantization.weight import QuantLayout
 
 FLOAT_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -106,43 +104,53 @@ def stored_arrays(spec: ParamSpec, fmt: WeightFormat) -> list[tuple[tuple[int, .
     return [(spec.shape, spec.axes, dtype_bytes(dtype))]
 
 
-# ---------------------------------------------------------------------------------------- tensor parallel
+# ------------------------------------------------------------------------------------ the engine's layout
 
-def shard_count(axis: str, config: ModelConfig, tp: int) -> int:
-    """Into how many pieces the tensor axis (size tp) splits a dimension of logical axis `axis`: tp, or 1 when
-    it is replicated. KV heads (and the vocabulary) that do not divide by tp are replicated on every device;
-    query heads and the MLP must divide, or the model cannot run at this TP degree."""
-    if tp == 1 or axis not in TENSOR_PARALLEL_AXES:
-        return 1
-    if axis == KV_HEADS:
-        return tp if config.num_kv_heads % tp == 0 else 1
-    if axis == VOCAB:
-        return tp if config.vocab_size % tp == 0 else 1
-    count = config.num_heads if axis == Q_HEADS else config.intermediate_size
-    if count % tp:
-        what = "query heads" if axis == Q_HEADS else "MLP intermediate size"
-        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {what} ({count})")
-    return tp
+@functools.lru_cache(maxsize=None)
+def layout(config: ModelConfig, tp: int, pp: int = 1) -> sharding.ShardingPlan:
+    """The engine's layout of this model on a (pp, tp) mesh, without devices. Raises ValueError (ShardingError)
+    where the engine would refuse (an MLP that does not split, more stages than layers)."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor_parallel_size={tp} and pipeline_parallel_size={pp} must be >= 1")
+    return sharding.ShardingPlan(config, AbstractMesh((pp, tp), (sharding.PIPE, sharding.TENSOR)))
 
 
-def device_shape(shape: tuple[int, ...], axes: tuple[str, ...], config: ModelConfig, tp: int) -> tuple[int, ...]:
-    """The shape one device of the tensor axis holds of an array with these logical axes."""
-    out = []
+def shard_count(axis: str, config: ModelConfig, tp: int, pp: int = 1) -> int:
+    """Into how many pieces jaxinfer.sharding's rules split a dimension of logical axis `axis` on a (pp, tp)
+    mesh: the tensor degree for heads and the MLP, every device for the vocabulary, 1 for `embed`."""
+    return layout(config, tp, pp).shards(axis)
+
+
+def device_shape(shape: tuple[int, ...], axes: tuple[str, ...], config: ModelConfig, tp: int,
+                 pp: int = 1) -> tuple[int, ...]:
+    """The shape one device holds of an array with these logical axes (as stored: padded heads, padded vocab)."""
+    plan, out = layout(config, tp, pp), []
     for dim, axis in zip(shape, axes):
-        n = shard_count(axis, config, tp)
-        if dim % n:
-            raise ValueError(f"a dimension of size {dim} on axis {axis!r} does not split {n} ways (a quantized "
+        stored, n = plan.stored_size(axis, dim), plan.shards(axis)
+        if stored % n:
+            raise ValueError(f"a dimension of size {stored} on axis {axis!r} does not split {n} ways (a quantized "
                              "weight's groups or packed rows must divide the shard)")
-        out.append(dim // n)
+        out.append(stored // n)
     return tuple(out)
 
 
 def kv_heads_per_device(config: ModelConfig, tp: int) -> int:
-    return config.num_kv_heads // shard_count(KV_HEADS, config, tp)
+    """KV slots per device (a KV head replicated when there are fewer heads than the tensor degree)."""
+    return layout(config, tp).local_config.num_kv_heads
 
 
 def q_heads_per_device(config: ModelConfig, tp: int) -> int:
-    return config.num_heads // shard_count(Q_HEADS, config, tp)
+    """Query heads per device, counting the zero heads that pad an uneven split (they are computed)."""
+    return layout(config, tp).local_config.num_heads
+
+
+def kv_heads_replicated(config: ModelConfig, tp: int) -> bool:
+    return len(layout(config, tp).heads.kv_src) > config.num_kv_heads
+
+
+def query_heads_padded(config: ModelConfig, tp: int) -> int:
+    """Zero query heads the layout adds."""
+    return len(layout(config, tp).heads.q_src) - config.num_heads
 
 
 # -------------------------------------------------------------------------------------- pipeline parallel
@@ -151,43 +159,34 @@ def stage_layers(num_layers: int, pp: int) -> list[range]:
     """Contiguous layer ranges, one per stage, sizes differing by at most one (earlier stages take the extra)."""
     if pp < 1 or pp > num_layers:
         raise ValueError(f"pipeline_parallel_size={pp} must be between 1 and the number of layers ({num_layers})")
-    base, extra = divmod(num_layers, pp)
-    starts = [s * base + min(s, extra) for s in range(pp + 1)]
-    return [range(starts[s], starts[s + 1]) for s in range(pp)]
+    return list(sharding.stage_layers(num_layers, pp))
 
 
 def stage_specs(config: ModelConfig, pp: int) -> list[list[ParamSpec]]:
-    """The parameters each stage holds: its layers; the embedding on the first stage; final norm and LM head on
-    the last. A tied model's one matrix serves the lookup (first stage) and the LM head (last), so with pp > 1
-    both stages hold a copy."""
-    glob = {s.name: s for s in global_specs(config)}
-    stages = []
-    for s, layers in enumerate(stage_layers(config.num_layers, pp)):
-        specs = []
-        if s == 0:
-            specs.append(glob["lm_head"] if config.tie_word_embeddings else glob["embed"])
-        specs += [p for i in layers for p in layer_specs(config, i)]
-        if s == pp - 1:
-            specs.append(glob["final_norm"])
-            if not (config.tie_word_embeddings and s == 0):
-                specs.append(glob["lm_head"])
-        stages.append(specs)
-    return stages
+    """The parameters each device of a stage holds, as the engine lays them out: the embedding, final norm and
+    LM head on every device (vocab-parallel over all of them; a tied model's one matrix serves the lookup and
+    the head), and as many layer slots as the largest stage has: a shorter stage's last slots hold zero layers
+    (identities) of the same size."""
+    stages = stage_layers(config.num_layers, pp)
+    slots = len(stages[0])
+    return [list(global_specs(config)) + [p for i in layers for p in layer_specs(config, i)]
+            + [p for _ in range(slots - len(layers)) for p in layer_specs(config, layers[0])]
+            for layers in stages]
 
 
 # ------------------------------------------------------------------------------------------------ report
 
-def spec_bytes(spec: ParamSpec, fmt: WeightFormat, config: ModelConfig, tp: int = 1) -> int:
-    """Bytes of one parameter on one device of the tensor axis (tp=1: the whole parameter)."""
-    return sum(math.prod(device_shape(shape, axes, config, tp)) * size
+def spec_bytes(spec: ParamSpec, fmt: WeightFormat, config: ModelConfig, tp: int = 1, pp: int = 1) -> int:
+    """Bytes of one parameter on one device of a (pp, tp) mesh (1, 1: the whole parameter)."""
+    if tp == pp == 1:
+        return sum(math.prod(shape) * size for shape, _, size in stored_arrays(spec, fmt))
+    return sum(math.prod(device_shape(shape, axes, config, tp, pp)) * size
                for shape, axes, size in stored_arrays(spec, fmt))
 
 
-def is_gathered_only(spec: ParamSpec, stage: int, config: ModelConfig, pp: int) -> bool:
-    """A table a step only gathers rows of (the embedding; a tied matrix's lookup copy on the first of several
-    stages), so decode does not stream it from memory."""
-    return spec.name == "embed" or (config.tie_word_embeddings and pp > 1 and stage == 0
-                                    and spec.name == "lm_head")
+def is_gathered_only(spec: ParamSpec) -> bool:
+    """A table a step only gathers rows of (an untied embedding), so decode does not stream it from memory."""
+    return spec.name == "embed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +194,7 @@ class StageWeights:
     layers: range
     bytes: int             # on one device of this stage
     streamed_bytes: int    # what a step's matmuls read (all but gathered-only tables)
-    replicated_bytes: int  # of `bytes`, tensors the tensor axis does not split (norms, replicated KV heads, ...)
+    replicated_bytes: int  # of `bytes`, tensors the tensor axis does not split (norms of the residual stream)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,10 +210,10 @@ def weight_report(config: ModelConfig, fmt: WeightFormat, tp: int = 1, pp: int =
     total = sum(spec_bytes(s, fmt, config) for s in specs)
     num_params = sum(math.prod(s.shape) for s in specs)
     stages, kinds = [], []
-    for index, (layers, held) in enumerate(zip(stage_layers(config.num_layers, pp), stage_specs(config, pp))):
-        sizes = [(s, spec_bytes(s, fmt, config, tp)) for s in held]
-        replicated = sum(b for s, b in sizes if tp > 1 and spec_bytes(s, fmt, config, 1) == b)
-        streamed = sum(b for s, b in sizes if not is_gathered_only(s, index, config, pp))
+    for layers, held in zip(stage_layers(config.num_layers, pp), stage_specs(config, pp)):
+        sizes = [(s, spec_bytes(s, fmt, config, tp, pp)) for s in held]
+        replicated = sum(b for s, b in sizes if tp > 1 and spec_bytes(s, fmt, config) == b)
+        streamed = sum(b for s, b in sizes if not is_gathered_only(s))
         stages.append(StageWeights(layers, sum(b for _, b in sizes), streamed, replicated))
         by_kind: dict = {}
         for s, b in sizes:
