@@ -15,6 +15,7 @@ from typing import Any
 from jaxinfer.engine_args import EngineArgs  # noqa: F401  (public here too: `from jaxinfer.engine import EngineArgs`)
 from jaxinfer.engine_core import EngineCore, load_model
 from jaxinfer.engine_io import EngineRequest
+from jaxinfer.loaders.gguf import release_shared_reader
 from jaxinfer.errors import InvalidRequestError, QueueFullError  # noqa: F401  (re-exported)
 from jaxinfer.output_processor import OutputProcessor
 from jaxinfer.outputs import RequestOutput
@@ -31,9 +32,13 @@ class LLMEngine:
         self.args = args
         path = resolve_model(args.model)
         tokenizer_source = args.tokenizer or (None if path.startswith("random:") else path)  # random weights: none
+        load_start = time.perf_counter()
         model = load_model(args)  # first: a bad checkpoint is reported as such, not as a bad tokenizer
         self.tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
+        release_shared_reader()  # a GGUF file's parse, shared by weights and tokenizer
+        load_s = time.perf_counter() - load_start
         self.core = EngineCore(args, model, self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.core.record_load_time(load_s)
         self.processor = InputProcessor(self.tokenizer, vocab_size=self.config.vocab_size,
                                         max_model_len=self.core.max_model_len, max_num_seqs=args.max_num_seqs,
                                         max_num_batched_tokens=args.max_num_batched_tokens)
@@ -110,9 +115,9 @@ class LLMEngine:
     def metrics(self) -> dict[str, Any]:
         return self.core.metrics()
 
-    def warmup(self, param_variants=None, token_counts=None) -> float:
-        """Precompile every token bucket (greedy and random sampling by default), or only the buckets that steps
-        of these token counts use (a one-shot run that knows its prompt)."""
+    def warmup(self, param_variants=None, token_counts=None, background: bool | None = None) -> float:
+        """Make every token bucket ready (greedy and random sampling by default), or only the buckets that steps
+        of these token counts use (a one-shot run that knows its prompt); see EngineCore.warmup."""
         start = time.perf_counter()
-        self.core.warmup(param_variants, token_counts)
+        self.core.warmup(param_variants, token_counts, background)
         return time.perf_counter() - start

@@ -70,6 +70,9 @@ class EngineArgs:
         "int8 x int8 dots on CPU, outputs differ)", choices=("xla", "xla_w8a8", "pallas", "pallas_interpret"))
     compilation_cache_dir: str | None = _opt(
         None, "persistent XLA compilation cache; default: ~/.cache/jaxinfer/xla (env JAXINFER_COMPILATION_CACHE)")
+    background_warmup: bool = _opt(
+        False, "warmup() makes only the smallest and largest token buckets ready and loads or compiles the others "
+        "on a background thread while serving (each step takes the smallest ready bucket that fits)")
     max_waiting_requests: int = _opt(
         4096, "admission control: refuse new requests (QueueFullError) while this many sequences wait", minimum=0)
     max_waiting_prompt_tokens: int | None = _opt(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import time
 from typing import Any, Iterable
 
@@ -32,6 +33,7 @@ from jaxinfer.batch import SeqChunk
 from jaxinfer.engine_args import EngineArgs
 from jaxinfer.engine_io import EngineRequest, RequestDelta, SequenceDelta
 from jaxinfer.errors import InvalidRequestError, QueueFullError
+from jaxinfer.executable_cache import SUBDIR as EXECUTABLES_SUBDIR
 from jaxinfer.kv_budget import kv_budget_bytes, num_kv_blocks, resolve_max_model_len
 from jaxinfer.loaders import load_params, open_checkpoint, params_nbytes
 from jaxinfer.model_runner import ModelRunner, StepHandle, enable_compilation_cache
@@ -41,7 +43,7 @@ from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxinfer.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from jaxinfer.sharding import ShardingPlan, make_mesh
-from jaxinfer.stats import EngineStats, RequestTimings, StepRecord
+from jaxinfer.stats import EngineStats, RequestTimings, StartupTimes, StepRecord
 
 _NO_SAMPLE = SamplingParams(temperature=0.0)  # rows of prefill chunks that don't sample yet
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -151,8 +153,9 @@ class EngineCore:
         `extra_eos_token_ids`: ids that end a sequence besides the model config's (the tokenizer's EOS).
         In a multi-process run, the other processes' cores only follow process 0's device calls: their
         constructor returns when process 0 is done (`is_follower`)."""
+        build_start = time.perf_counter()
         self.args = args
-        enable_compilation_cache(args.compilation_cache_dir)
+        cache_dir = enable_compilation_cache(args.compilation_cache_dir)
         dtype, kv_dtype = _activation_dtypes(args)
         self.config, self.plan, channel = model.config, model.plan, model.channel
         self.is_follower = channel is not None and not channel.is_leader
@@ -177,7 +180,8 @@ class EngineCore:
             attention_backend=args.attention_backend or default_attention_backend(),
             matmul_backend=packed.matmul_backend if packed else args.matmul_backend or "xla",
             quant_plan=packed.plan if packed else None, compiler_options=packed.compiler_options if packed else None,
-            dtype=dtype, plan=self.plan, num_microbatches=args.pipeline_microbatches, channel=channel)
+            dtype=dtype, plan=self.plan, num_microbatches=args.pipeline_microbatches, channel=channel,
+            executable_cache_dir=os.path.join(cache_dir, EXECUTABLES_SUBDIR) if cache_dir else None)
         if channel is not None:
             channel.release_at_exit(self.runner)
         if self.is_follower:  # make process 0's device calls until it exits; this core takes no requests
@@ -195,6 +199,24 @@ class EngineCore:
         self._waiting_prompt_tokens = 0  # prompt tokens of requests no step has run yet
         self._compiled_at_warmup = 0
         self._last_fetch_end = 0.0  # perf_counter(): when the device could start the next queued step
+        self._startup = dict(load_s=0.0, engine_build_s=time.perf_counter() - build_start, warmup_s=0.0)
+
+    def record_load_time(self, seconds: float) -> None:
+        """The front end's time loading weights and tokenizer, for `stats.snapshot().startup`."""
+        self._startup["load_s"] = seconds
+
+    def _startup_times(self) -> StartupTimes:
+        records, runner = list(self.runner.warmup_records), self.runner
+        total = lambda field: sum(getattr(r, field) for r in records)
+        st = self._startup
+        return StartupTimes(
+            load_s=st["load_s"], engine_build_s=st["engine_build_s"], trace_s=total("trace_s"),
+            lower_s=total("lower_s"), compile_s=total("compile_s"), executable_load_s=total("load_s"),
+            executable_store_s=total("store_s"), warmup_steps_s=runner.warmup_steps_s,
+            time_to_ready_s=st["load_s"] + st["engine_build_s"] + st["warmup_s"],
+            num_executables_loaded=sum(r.source == "loaded" for r in records),
+            num_executables_compiled=sum(r.source == "compiled" for r in records),
+            num_executables_pending=runner.num_warmup_pending)
 
     def _num_kv_blocks(self, bytes_per_block: int, channel) -> int:
         """Blocks that fit every device's budget. The pool is global: each device holds every block, for its own
@@ -430,7 +452,7 @@ class EngineCore:
                     num_compilations_after_warmup=self.runner.num_compiled() - self._compiled_at_warmup,
                     num_running=len(sched.running), num_waiting=sched.num_waiting,
                     num_waiting_prompt_tokens=self._waiting_prompt_tokens, kv_blocks_used=len(pool.ref_counts),
-                    kv_blocks_total=pool.num_blocks)
+                    kv_blocks_total=pool.num_blocks, startup=self._startup_times())
 
     def metrics(self) -> dict[str, Any]:
         """Scheduler and block-pool metrics (including fragmentation, which walks every live sequence) and the
@@ -442,11 +464,15 @@ class EngineCore:
                  weight_bytes=self.weight_bytes)
         return m
 
-    def warmup(self, param_variants=None, token_counts=None) -> float:
-        """Precompile every token bucket (greedy and random sampling by default), or only the buckets that steps
-        of these token counts use (a one-shot run that knows its prompt). Compilations after this count in
-        `stats.snapshot().num_compilations_after_warmup`."""
+    def warmup(self, param_variants=None, token_counts=None, background: bool | None = None) -> float:
+        """Make every token bucket ready (greedy and random sampling by default), or only the buckets that steps
+        of these token counts use (a one-shot run that knows its prompt): loaded from the executable cache or
+        compiled (ModelRunner.warmup). background (default: args.background_warmup): return once the smallest
+        and largest buckets are ready. Compilations after this count in
+        `stats.snapshot().num_compilations_after_warmup`; its split is in `stats.snapshot().startup`."""
         variants = param_variants or [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
-        seconds = self.runner.warmup(variants, token_counts)
+        background = self.args.background_warmup if background is None else background
+        seconds = self.runner.warmup(variants, token_counts, background=background and not token_counts)
         self._compiled_at_warmup = self.runner.num_compiled()
+        self._startup["warmup_s"] += seconds
         return seconds

@@ -90,8 +90,10 @@ def read_gguf_vocab(path: str) -> GGUFVocab:
     """Read the tokenizer metadata. GGUFReader memory-maps the file and never touches tensor data."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    from jaxinfer.loaders.gguf import shared_reader
+
     try:
-        fields = gguf.GGUFReader(path).fields
+        fields = shared_reader(path).fields  # the weight loader's parse, when it read this file just before
     except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
         raise GGUFTokenizerError(f"corrupt or unreadable GGUF file {path}: {type(e).__name__}: {e}") from e
 

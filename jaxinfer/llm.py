@@ -21,8 +21,8 @@ class LLM:
         self.engine = LLMEngine(EngineArgs(**engine_args))
         self.tokenizer = self.engine.tokenizer
 
-    def warmup(self, param_variants=None, token_counts=None) -> float:
-        return self.engine.warmup(param_variants, token_counts)
+    def warmup(self, param_variants=None, token_counts=None, background: bool | None = None) -> float:
+        return self.engine.warmup(param_variants, token_counts, background)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

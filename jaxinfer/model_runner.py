@@ -17,8 +17,10 @@ runner sends every device call's host inputs to the other processes (`channel`),
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
+import threading
 import time
 from functools import partial
 
@@ -33,11 +35,14 @@ from jaxinfer import sampler
 from jaxinfer.attention import DEFAULT_CHUNK_BLOCKS, keys_transposed
 from jaxinfer.batch import SeqChunk, build_step_batch, bucket
 from jaxinfer.config import ModelConfig
+from jaxinfer.executable_cache import ExecutableCache, ExecutableRecord, abstract
 from jaxinfer.model import LlamaModel, ShardAxes, init_kv_cache
 from jaxinfer.pipeline import PipelineBatch, build_pipeline_batch, pipeline_forward
 from jaxinfer.quantization.weight import packing_of
 from jaxinfer.sharding import ShardingPlan
 from jaxinfer.vocab_parallel import VocabShard
+
+log = logging.getLogger(__name__)
 
 
 def token_buckets(max_num_batched_tokens: int, max_num_seqs: int = 0) -> tuple[int, ...]:
@@ -83,12 +88,16 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, params, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, kv_dtype, attention_backend: str,
                  matmul_backend: str, dtype, plan: ShardingPlan | None = None, num_microbatches: int | None = None,
-                 channel=None, quant_plan=None, compiler_options: dict | None = None):
+                 channel=None, quant_plan=None, compiler_options: dict | None = None,
+                 executable_cache_dir: str | None = None):
         """plan: lay the model out on a mesh (params must be placed by it: `plan.place` / `plan.shard_params`).
         num_microbatches: micro-batches per step with pipeline stages (default: one per stage). channel: a
         `distributed.Channel` of a multi-process run; process 0 sends every device call through it.
         quant_plan / compiler_options: how packed weights run (`jaxinfer.quantization.runtime`): the XLA
-        formulation per row count and the XLA options the forward compiles with."""
+        formulation per row count and the XLA options the forward compiles with.
+        executable_cache_dir: where warm-up keeps compiled executables (executable_cache.py); None: nowhere.
+        Only a one-device, one-process runner warms up through it; a mesh or a multi-process run compiles its
+        buckets through the jits (`_jit_warmup`), which the followers replay."""
         self.config = config
         self.params = params
         self.plan = plan
@@ -128,6 +137,15 @@ class ModelRunner:
                                 else jnp.zeros(self.max_rows, jnp.int32))
         self._copy = jax.jit(self._spmd(partial(_copy_blocks, block_axis=2 if self.pp > 1 else 1), copy=True),
                              donate_argnums=(0,))
+        self._executables = ExecutableCache(executable_cache_dir, dict(
+            config=repr(config), dtype=jnp.dtype(dtype).name, attention_backend=attention_backend,
+            matmul_backend=matmul_backend, max_rows=self.max_rows, quant_plan=repr(quant_plan),
+            compiler_options=repr(sorted((compiler_options or {}).items()))))
+        self._aot: dict[tuple, jax.stages.Compiled] = {}  # ("forward", T) | ("sample", S, flags) | ("copy", n)
+        self._planned: set[tuple] = set()  # executables warm-up provides (loaded now or in the background)
+        self._ready_buckets: tuple[int, ...] | None = None  # while a background warm-up runs: buckets ready
+        self._background: threading.Thread | None = None
+        self.warmup_records: list[ExecutableRecord] = []
 
     def num_rows(self, num_tokens: int) -> int:
         return min(num_tokens, self.max_num_seqs)
@@ -185,7 +203,9 @@ class ModelRunner:
                                         max_num_seqs=self.max_num_seqs, max_blocks=self.max_blocks,
                                         block_size=self.block_size, num_blocks=self.num_blocks,
                                         min_tokens=min_tokens)
-        num_tokens = bucket(max(sum(len(c.token_ids) for c in chunks), min_tokens), self.buckets)
+        # While a background warm-up runs, a step takes the smallest bucket already loaded that fits it.
+        num_tokens = bucket(max(sum(len(c.token_ids) for c in chunks), min_tokens),
+                            self._ready_buckets or self.buckets)
         return build_step_batch(chunks, num_tokens=num_tokens, num_seqs=self.num_rows(num_tokens),
                                 max_blocks=self.max_blocks, block_size=self.block_size, num_blocks=self.num_blocks)
 
@@ -219,8 +239,8 @@ class ModelRunner:
 
     def _step(self, batch, tensors, flags, targets, previous: StepHandle | None) -> StepHandle:
         prev_tokens = previous.padded_token_ids if previous is not None else self._no_prev_tokens
-        (logits, prompt_lp), self.kv_cache = self._forward(self.params, self.kv_cache, batch, targets, prev_tokens)
-        out, padded = self._sample(logits, tensors, prev_tokens, flags=flags, eos_token_ids=self.eos_token_ids)
+        (logits, prompt_lp), self.kv_cache = self._run_forward(batch, targets, prev_tokens)
+        out, padded = self._run_sample(logits, tensors, prev_tokens, flags)
         return StepHandle(out, prompt_lp, padded, batch.num_tokens)
 
     def _send(self, kind: str, *args) -> None:
@@ -241,7 +261,7 @@ class ModelRunner:
             elif kind == "copy":
                 self._copy_pairs(*args)
             elif kind == "warmup":
-                self._warmup(*args)
+                self._jit_warmup(*args)
 
     def close(self) -> None:
         """Process 0 of a multi-process run: release the followers."""
@@ -264,15 +284,60 @@ class ModelRunner:
         n = 1 << (len(pairs) - 1).bit_length()  # bucket the count; padding repeats the first copy (idempotent)
         padded = list(pairs) + [pairs[0]] * (n - len(pairs))
         src, dst = (np.asarray(col, np.int32) for col in zip(*padded))
-        self.kv_cache = self._copy(self.kv_cache, src, dst)
+        self.kv_cache = self._aot.get(("copy", n), self._copy)(self.kv_cache, src, dst)
 
-    def warmup(self, param_variants, token_counts=None) -> float:
-        """Compile the forward for every token bucket, and the sampler for each bucket and sampling variant
-        (given as SamplingParams), so serving never compiles. `token_counts` limits it to their buckets."""
-        self._send("warmup", param_variants, token_counts)
-        return self._warmup(param_variants, token_counts)
+    def _run_forward(self, batch, targets, prev_tokens):
+        """The warmed-up executable of this bucket, or the jit (which compiles a shape it has not seen)."""
+        compiled = self._aot.get(("forward", batch.num_tokens)) if targets is None else None
+        if compiled is not None:
+            return compiled(self.params, self.kv_cache, batch, None, prev_tokens)
+        return self._forward(self.params, self.kv_cache, batch, targets, prev_tokens)
 
-    def _warmup(self, param_variants, token_counts=None) -> float:
+    def _run_sample(self, logits, tensors, prev_tokens, flags):
+        compiled = self._aot.get(("sample", logits.shape[0], flags))
+        if compiled is not None:
+            return compiled(logits, tensors, prev_tokens)
+        return self._sample(logits, tensors, prev_tokens, flags=flags, eos_token_ids=self.eos_token_ids)
+
+    def warmup(self, param_variants, token_counts=None, background: bool = False) -> float:
+        """Provide the forward of every token bucket, the sampler of each bucket and sampling variant (given as
+        SamplingParams) and the block copies, so serving never compiles: each is loaded from the executable
+        cache, or traced, lowered, compiled and stored there (`warmup_records` says which, and the cost). Then
+        one padding step per bucket and variant runs each executable once. `token_counts` limits it to the
+        buckets those step sizes fall in. background: only the smallest and largest buckets are made ready
+        here; the others load (or compile) on a thread while the engine serves, each step taking the smallest
+        ready bucket that fits it (`wait_for_warmup` joins the thread). Returns the seconds spent here."""
+        if self.plan is not None or self.channel is not None:
+            self._send("warmup", param_variants, token_counts)
+            return self._jit_warmup(param_variants, token_counts)
+        start = time.perf_counter()
+        self.wait_for_warmup()
+        buckets = sorted({bucket(n, self.buckets) for n in token_counts}) if token_counts else list(self.buckets)
+        now = [b for b in buckets if not background or b in (buckets[0], buckets[-1])]
+        copies = [1 << i for i in range(max(self.max_num_seqs, 1).bit_length())]  # bucketed block-copy counts
+        self._planned.update(("forward", t) for t in buckets)
+        self._planned.update(("copy", n) for n in copies)
+        jobs = [job for t in now for job in self._bucket_jobs(t, param_variants)] + [self._copy_job(n) for n in copies]
+        for job in tqdm(jobs, desc="loading or compiling step executables", unit="executable"):
+            self._provide(*job)
+        warm_start = time.perf_counter()
+        for num_tokens in now:
+            self._padding_steps(num_tokens, param_variants)
+        for n in copies:
+            self.copy_blocks([(0, 0)] * n)
+        jax.block_until_ready(self.kv_cache)
+        self.warmup_steps_s = time.perf_counter() - warm_start
+        later = [(t, self._bucket_jobs(t, param_variants)) for t in buckets if t not in now]
+        if later:
+            self._ready_buckets = tuple(now)
+            self._background = threading.Thread(target=self._provide_later, args=(later,), daemon=True,
+                                                name="jaxinfer-warmup")
+            self._background.start()
+        return time.perf_counter() - start
+
+    def _jit_warmup(self, param_variants, token_counts=None) -> float:
+        """A mesh or multi-process runner: one padding step per bucket and variant through the jits, which compile
+        each (JAX's persistent cache serves XLA's part); followers replay it."""
         start = time.perf_counter()
         buckets = sorted({bucket(n, self.buckets) for n in token_counts}) if token_counts else self.buckets
         jobs = [(t, p) for t in buckets for p in param_variants]
@@ -289,9 +354,87 @@ class ModelRunner:
             n *= 2
         return time.perf_counter() - start
 
+    warmup_steps_s = 0.0  # the padding steps of the last warmup()
+
+    @property
+    def warm_buckets(self) -> tuple[int, ...]:
+        """Token buckets whose forward warm-up has made ready (loaded or compiled ahead of serving)."""
+        return tuple(sorted(key[1] for key in self._aot if key[0] == "forward"))
+
+    @property
+    def num_warmup_pending(self) -> int:
+        """Planned executables not loaded yet (a background warm-up is still running)."""
+        return sum(1 for key in self._planned if key not in self._aot)
+
+    def wait_for_warmup(self, timeout: float | None = None) -> bool:
+        """Join a background warm-up; True when none is running any more."""
+        if self._background is not None:
+            self._background.join(timeout)
+            if self._background.is_alive():
+                return False
+            self._background = None
+        return True
+
+    def _bucket_jobs(self, num_tokens: int, param_variants):
+        """(key, name, jitted, abstract args, static args) of one bucket's forward and sampler variants."""
+        rows = self.num_rows(num_tokens)
+        batch = build_step_batch([], num_tokens=num_tokens, num_seqs=rows, max_blocks=self.max_blocks,
+                                 block_size=self.block_size, num_blocks=self.num_blocks)
+        prev = abstract(self._no_prev_tokens)
+        jobs = [(("forward", num_tokens), f"forward/T={num_tokens}", self._forward,
+                 (abstract(self.params), abstract(self.kv_cache), abstract(batch), None, prev), {})]
+        logits = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32)  # the forward's f32 logits
+        for flags, tensors in {flags: tensors for tensors, flags in
+                               (self._dummy_sampling(rows, p) for p in param_variants)}.items():
+            self._planned.add(("sample", rows, flags))
+            jobs.append((("sample", rows, flags), f"sample/S={rows}/{_flags_name(flags)}", self._sample,
+                         (logits, abstract(tensors), prev), dict(flags=flags, eos_token_ids=self.eos_token_ids)))
+        return jobs
+
+    def _copy_job(self, n: int):
+        pairs = jax.ShapeDtypeStruct((n,), jnp.int32)
+        return ("copy", n), f"copy_blocks/n={n}", self._copy, (abstract(self.kv_cache), pairs, pairs), {}
+
+    def _dummy_sampling(self, rows: int, params):
+        info = [sampler.RowInfo(params=params, seed=0, step=0, prompt_token_ids=[0], output_token_ids=[])]
+        return sampler.make_sampling_tensors(info, rows, self.config.vocab_size)
+
+    def _provide(self, key, name, jitted, args, static):
+        if key in self._aot:
+            return
+        compiled, record = self._executables.get(name, jitted, args, static)
+        self.warmup_records.append(record)
+        self._aot[key] = compiled
+
+    def _provide_later(self, later):
+        try:
+            for num_tokens, jobs in later:
+                for job in jobs:
+                    self._provide(*job)
+                self._ready_buckets = tuple(sorted((*self._ready_buckets, num_tokens)))
+        except Exception:  # noqa: BLE001 - the engine keeps serving; unready buckets compile on first use
+            log.exception("background warm-up failed; remaining buckets compile when first used")
+        finally:
+            self._ready_buckets = None
+
+    def _padding_steps(self, num_tokens: int, param_variants):
+        # A batch of padding only: it writes nothing to the cache.
+        batch = build_step_batch([], num_tokens=num_tokens, num_seqs=self.num_rows(num_tokens),
+                                 max_blocks=self.max_blocks, block_size=self.block_size, num_blocks=self.num_blocks)
+        (logits, _), self.kv_cache = self._run_forward(batch, None, self._no_prev_tokens)
+        for params in param_variants:
+            tensors, flags = self._dummy_sampling(self.num_rows(num_tokens), params)
+            jax.block_until_ready(self._run_sample(logits, tensors, self._no_prev_tokens, flags))
+
     def num_compiled(self) -> int:
-        """Compiled executables (forward, sampler variants, block copies): constant after warm-up."""
-        return self._forward._cache_size() + self._sample._cache_size() + self._copy._cache_size()
+        """Executables (forward, sampler variants, block copies) warm-up planned, plus those compiled on demand
+        since: constant after warm-up unless a step needs a shape or sampling variant it did not provide."""
+        return len(self._planned) + self._forward._cache_size() + self._sample._cache_size() \
+            + self._copy._cache_size()
+
+
+def _flags_name(flags: sampler.SamplingFlags) -> str:
+    return ",".join(f"{k}={v}" for k, v in flags._asdict().items())
 
 
 def _copy_blocks(kv_cache, src, dst, block_axis: int = 1):

@@ -71,6 +71,24 @@ class StepRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class StartupTimes:
+    """Time to ready, in seconds, split by phase (docs/ARCHITECTURE.md, "Start-up"). Filled in by the engine as
+    it starts; the executable figures keep growing while a background warm-up runs."""
+    load_s: float = 0.0                # weights (checkpoint parse, dequantization, device placement) + tokenizer
+    engine_build_s: float = 0.0        # KV cache allocation, model runner, scheduler
+    trace_s: float = 0.0               # tracing the step functions (executables not in the executable cache)
+    lower_s: float = 0.0               # lowering them to StableHLO
+    compile_s: float = 0.0             # XLA compile (or a load from JAX's persistent compilation cache)
+    executable_load_s: float = 0.0     # loading executables from the executable cache (and failed attempts)
+    executable_store_s: float = 0.0    # writing newly compiled executables to it
+    warmup_steps_s: float = 0.0        # one padding step per warmed bucket and sampling variant, block copies
+    time_to_ready_s: float = 0.0       # load + engine build + the blocking part of warmup(): ready to serve
+    num_executables_loaded: int = 0    # from the executable cache
+    num_executables_compiled: int = 0  # traced, lowered and compiled this start
+    num_executables_pending: int = 0   # a background warm-up is still providing these
+
+
+@dataclasses.dataclass(frozen=True)
 class StatsSnapshot:
     # counters (only grow)
     num_requests: int
@@ -90,6 +108,7 @@ class StatsSnapshot:
     num_waiting_prompt_tokens: int  # prompt tokens of requests not yet scheduled
     kv_blocks_used: int
     kv_blocks_total: int
+    startup: StartupTimes = StartupTimes()
 
     @property
     def kv_usage(self) -> float:

@@ -49,7 +49,7 @@ def test_warmup_limited_to_token_counts_compiles_only_their_buckets():
                          attention_backend="xla", matmul_backend="xla", dtype=jnp.float32)
     greedy = SamplingParams(temperature=0.0)
     runner.warmup([greedy], token_counts={3, 1})  # buckets 4 and 2 of (2, 4, 8, 16)
-    assert runner._forward._cache_size() == 2
+    assert runner.warm_buckets == (2, 4)
     compiled = runner.num_compiled()
     for tokens in ([1, 2, 3], [4]):
         row = sampler.RowInfo(params=greedy, seed=0, step=0, prompt_token_ids=tokens, output_token_ids=[])

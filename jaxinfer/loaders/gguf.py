@@ -38,13 +38,34 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
                  "output.weight": "lm_head.weight"}
 
 
-def open_gguf(path: str):
+_shared: list = []  # [((path, size, mtime_ns), GGUFReader)]: the last file read, for the next reader of it
+
+
+def shared_reader(path: str):
+    """A GGUFReader of `path`, parsed once for the weights and the tokenizer (parsing the metadata of a
+    49k-token vocabulary takes seconds). One file is kept until `release_shared_reader()`; a file rewritten
+    since (size or mtime changed) is parsed again. Raises what GGUFReader raises."""
     import gguf
 
+    st = os.stat(path)
+    stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if _shared and _shared[0][0] == stamp:
+        return _shared[0][1]
+    reader = gguf.GGUFReader(path)
+    _shared[:] = [(stamp, reader)]
+    return reader
+
+
+def release_shared_reader() -> None:
+    """Drop the kept reader (its parsed metadata and file mapping) once weights and tokenizer are loaded."""
+    _shared.clear()
+
+
+def open_gguf(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(path)
+        return shared_reader(path)
     except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
         raise CheckpointError(f"corrupt or unreadable GGUF file {path}: {type(e).__name__}: {e}") from e
 
