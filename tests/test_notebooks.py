@@ -44,3 +44,14 @@ def test_quickstart_notebook_runs_and_answers():
     batch = cell_output(notebook, "llm.generate(").strip().splitlines()
     assert len(batch) == 3 and all(line.rsplit(" ", 1)[1] in ("length", "stop") for line in batch)
     assert "1.25 GiB" in cell_output(notebook, "kv_bytes_per_token")  # the 70B figure worked out in the notes
+
+
+@pytest.mark.slow
+def test_serving_notebook_serves_both_protocols_and_stops_cleanly():
+    notebook = run_notebook("serving.ipynb")
+    assert "ready after" in cell_output(notebook, "serve.launch")
+    assert "Paris" in cell_output(notebook, "GenerateUnary(")  # greedy: HF says "The capital of France is Paris."
+    assert "same reply over gRPC and HTTP: True" in cell_output(notebook, "client.chat.completions.create(")
+    assert "jaxinfer_generation_tokens_total" in cell_output(notebook, "/metrics")
+    assert "'completed': 12" in cell_output(notebook, "run_load(")
+    assert "exit code 0" in cell_output(notebook, "server.terminate()")
