@@ -424,7 +424,15 @@ class ModelRunner:
         (logits, _), self.kv_cache = self._run_forward(batch, None, self._no_prev_tokens)
         for params in param_variants:
             tensors, flags = self._dummy_sampling(self.num_rows(num_tokens), params)
-            jax.block_until_ready(self._run_sample(logits, tensors, self._no_prev_tokens, flags))
+            try:
+                jax.block_until_ready(self._run_sample(logits, tensors, self._no_prev_tokens, flags))
+            except jax.errors.JaxRuntimeError as e:
+                # Seen on XLA CPU: a loaded sampler executable missing a kernel ("Function wrapped_broadcast not
+                # found"). The sampler donates nothing, so drop it and let the jit compile this variant.
+                log.warning("loaded sampler executable failed (%s); compiling it instead", e)
+                self._aot.pop(("sample", self.num_rows(num_tokens), flags), None)
+                self._planned.discard(("sample", self.num_rows(num_tokens), flags))
+                jax.block_until_ready(self._run_sample(logits, tensors, self._no_prev_tokens, flags))
 
     def num_compiled(self) -> int:
         """Executables (forward, sampler variants, block copies) warm-up planned, plus those compiled on demand
