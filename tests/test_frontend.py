@@ -179,29 +179,34 @@ def async_tiny(tiny):
     assert not engine._thread.is_alive()
 
 
-def test_async_text_chat_and_stop_strings_match_offline(tiny, async_tiny):
+def test_async_text_chat_and_stop_strings_match_offline(tiny):
+    # The offline references run first: while an AsyncEngine's thread owns the core, nothing else may step it.
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     offline = tiny.generate(["Once upon a time"], params)[0]
-    streamed = _collect(async_tiny, "Once upon a time", params)
-    assert streamed[-1].finished and streamed[-1].text == offline.text
-    assert [t for o in streamed for t in o.outputs[0].delta_token_ids] == offline.token_ids
-    assert "".join(o.outputs[0].delta_text for o in streamed) == offline.text
-
     messages = [{"role": "user", "content": "Name a colour."}]
-    assert _collect(async_tiny, messages, params)[-1].token_ids == tiny.chat(messages, params)[0].token_ids
-
+    offline_chat = tiny.chat(messages, params)[0]
     # n = 2, seeded: a stop string found on the caller's side ends only the sample that contains it.
     sampled = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=24, ignore_eos=True)
     full = tiny.generate([_ids(8, 51)], sampled)[0]
     stop = full.outputs[0].text[6:10]
-    got = _collect(async_tiny, _ids(8, 51), SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=24,
+
+    engine = AsyncEngine(engine=tiny.engine)
+    try:
+        streamed = _collect(engine, "Once upon a time", params)
+        assert streamed[-1].finished and streamed[-1].text == offline.text
+        assert [t for o in streamed for t in o.outputs[0].delta_token_ids] == offline.token_ids
+        assert "".join(o.outputs[0].delta_text for o in streamed) == offline.text
+        assert _collect(engine, messages, params)[-1].token_ids == offline_chat.token_ids
+        got = _collect(engine, _ids(8, 51), SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=24,
                                                            ignore_eos=True, stop=[stop]))[-1]
+        assert _settles_idle(engine.engine)
+    finally:
+        engine.shutdown()
     for g, f in zip(got.outputs, full.outputs):
         if stop in f.text:
             assert (g.text, g.finish_reason, g.stop_reason) == (f.text[:f.text.index(stop)], "stop", stop)
         else:
             assert (g.text, g.finish_reason) == (f.text, "length")
-    assert _settles_idle(async_tiny.engine)
 
 
 _HANG = 600  # seconds

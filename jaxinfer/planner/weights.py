@@ -69,8 +69,9 @@ class WeightFormat:
     def layout(self) -> QuantLayout | None:
         if self.dtype not in QUANT_BITS:
             return None
-        return QuantLayout(QUANT_BITS[self.dtype], self.group_size, self.scale_dtype, not self.symmetric,
-                           self.act_order)
+        # Asymmetric codes carry f32 offsets (what `quantization.quantize` stores).
+        return QuantLayout(QUANT_BITS[self.dtype], self.group_size, self.scale_dtype,
+                           None if self.symmetric else "float32", self.act_order)
 
     def describe(self) -> str:
         if self.layout is None:
