@@ -43,8 +43,8 @@ def child(args) -> None:
     sys.path.insert(0, REPO_ROOT)
     from jaxinfer import LLM, SamplingParams
 
-    llm = LLM(args.model, compilation_cache_dir=args.cache_dir, background_warmup=args.background,
-              verbose=False)
+    llm = LLM(args.model, compilation_cache_dir=args.cache_dir, executable_cache=True,
+              background_warmup=args.background, verbose=False)
     llm.warmup()
     startup = llm.engine.stats.snapshot().startup
     print("READY", flush=True)

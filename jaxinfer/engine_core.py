@@ -181,7 +181,8 @@ class EngineCore:
             matmul_backend=packed.matmul_backend if packed else args.matmul_backend or "xla",
             quant_plan=packed.plan if packed else None, compiler_options=packed.compiler_options if packed else None,
             dtype=dtype, plan=self.plan, num_microbatches=args.pipeline_microbatches, channel=channel,
-            executable_cache_dir=os.path.join(cache_dir, EXECUTABLES_SUBDIR) if cache_dir else None)
+            executable_cache_dir=(os.path.join(cache_dir, EXECUTABLES_SUBDIR)
+                                  if cache_dir and args.executable_cache else None))
         if channel is not None:
             channel.release_at_exit(self.runner)
         if self.is_follower:  # make process 0's device calls until it exits; this core takes no requests

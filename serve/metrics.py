@@ -7,6 +7,7 @@ here reads engine internals.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
@@ -119,6 +120,15 @@ class _EngineCollector:
         yield counter("engine_steps", "model steps", s.num_steps)
         yield counter("compilations_after_warmup", "step executables compiled after warm-up (should stay 0)",
                       s.num_compilations_after_warmup)
+        startup = GaugeMetricFamily(PREFIX + "engine_startup_seconds", "the engine's own split of its start-up "
+                                    "(stats.StartupTimes); executable figures grow while a background warm-up runs",
+                                    labels=["phase"])
+        for field in dataclasses.fields(s.startup):
+            if field.name.endswith("_s"):
+                startup.add_metric([field.name[:-2]], getattr(s.startup, field.name))
+        yield startup
+        yield gauge("executables_pending", "step executables a background warm-up has not made ready yet",
+                    s.startup.num_executables_pending)
         finished = CounterMetricFamily(PREFIX + "finished_sequences", "finished samples by finish reason",
                                        labels=["finish_reason"])
         for reason, count in sorted(s.finished_by_reason.items()):

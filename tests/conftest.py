@@ -11,7 +11,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 MULTIDEVICE = os.environ.get("JAXINFER_MULTIDEVICE") == "1"
 if MULTIDEVICE:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-collect_ignore = [] if MULTIDEVICE else ["multidevice"]
+# tests/isolated/ runs in a fresh process of its own (tests/test_isolated.py): serialised XLA CPU executables
+# loaded into a process that compiled others first can miss kernels ("Function ... not found").
+ISOLATED = os.environ.get("JAXINFER_ISOLATED") == "1"
+collect_ignore = [d for d, on in (("multidevice", MULTIDEVICE), ("isolated", ISOLATED)) if not on]
 
 
 def pytest_collection_finish(session):

@@ -499,3 +499,7 @@ def test_metrics_follow_the_engine_stats(http, oai, stats):
     assert after[("jaxinfer_server_phase", (("jaxinfer_server_phase", "serving"),))] == 1
     for name in ("jaxinfer_num_preemptions_total", "jaxinfer_prefix_cache_hit_rate", "jaxinfer_num_requests_waiting"):
         assert (name, ()) in after
+    startup = s.startup  # the engine's own start-up split, phase by phase
+    assert after[("jaxinfer_engine_startup_seconds", (("phase", "time_to_ready"),))] == startup.time_to_ready_s > 0
+    assert after[("jaxinfer_engine_startup_seconds", (("phase", "load"),))] == startup.load_s
+    assert after[("jaxinfer_executables_pending", ())] == startup.num_executables_pending

@@ -41,7 +41,8 @@ def launched(tiny_dir, tls, tmp_path_factory):
     cmd = [sys.executable, "-m", "serve.launch", f"--model={tiny_dir}", "--max_num_seqs=4",
            "--max_num_batched_tokens=32", "--max_model_len=128", "--num_kv_blocks=32", "--noverbose",
            "--grpc_port=0", "--http_port=0", f"--ready_file={ready}", f"--api_key={KEY}", f"--tls_cert_file={tls[0]}",
-           f"--tls_key_file={tls[1]}", "--warmup=none", "--shutdown_grace_s=120", "--served_model_name=tiny"]
+           f"--tls_key_file={tls[1]}", "--warmup=full", "--background_warmup", "--shutdown_grace_s=120",
+           "--served_model_name=tiny"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", "JAXINFER_QUIET": "1"})
     try:

@@ -146,7 +146,7 @@ def test_warm_engine_gives_the_cold_engines_tokens_and_background_warmup_serves(
     (greedy and seeded random); a background warm-up serves before all buckets are ready, compiles nothing
     on demand, and ends with every bucket loaded."""
     engine = dict(max_num_seqs=2, max_num_batched_tokens=8, max_model_len=64, num_kv_blocks=16, verbose=False,
-                  compilation_cache_dir=str(tmp_path))
+                  compilation_cache_dir=str(tmp_path), executable_cache=True)
     prompts = [[5, 6, 7], list(range(10, 22)), [42] * 5]  # the 12-token prompt runs in chunks
     params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
               SamplingParams(temperature=1.0, seed=5, max_tokens=6, ignore_eos=True),
