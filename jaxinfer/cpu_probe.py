@@ -68,6 +68,17 @@ def decide(seconds: dict, f32_weight_bytes: int, available_bytes: int | None) ->
     return DtypeChoice("float32", f"bf16-weight dots are not faster on this CPU ({shown} the f32 time)", seconds)
 
 
+def _median_seconds(probe, x, layers, runs: int) -> float:
+    """Median wall time of `probe(x, layers)` over `runs` calls after one untimed (compiling) call."""
+    probe(x, layers).block_until_ready()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        probe(x, layers).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure_weight_dtypes(shapes: dict, num_layers: int, rows=PROBE_ROWS, runs: int = 5) -> dict:
     """Median seconds of a chain of decoder-layer matmuls (`shapes`: name -> [in, out] of one layer's linear
     weights, as `layer_matmul_shapes` gives) over enough layers to read about PROBE_BYTES of f32 weights, in the
@@ -94,14 +105,7 @@ def measure_weight_dtypes(shapes: dict, num_layers: int, rows=PROBE_ROWS, runs: 
         layers = [{k: jnp.full(shape, 1e-3 * (i + 1), dtype) for k, shape in shapes.items()} for i in range(count)]
         out[name] = {}
         for m in rows:
-            x = jnp.ones((m, shapes["wq"][0]), jnp.float32)
-            probe(x, layers).block_until_ready()  # compile
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                probe(x, layers).block_until_ready()
-                times.append(time.perf_counter() - start)
-            out[name][m] = statistics.median(times)
+            out[name][m] = _median_seconds(probe, jnp.ones((m, shapes["wq"][0]), jnp.float32), layers, runs)
         del layers
     return out
 
@@ -223,14 +227,7 @@ def measure_quant_matmul(shapes: dict, layouts: dict, float_dtype: str, num_laye
     def time_chain(probe, layers):
         out = {}
         for m in rows:
-            x = jnp.ones((m, shapes["wq"][0]), jnp.float32)
-            probe(x, layers).block_until_ready()  # compile
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                probe(x, layers).block_until_ready()
-                times.append(time.perf_counter() - start)
-            out[m] = statistics.median(times)
+            out[m] = _median_seconds(probe, jnp.ones((m, shapes["wq"][0]), jnp.float32), layers, runs)
         return out
 
     dtype = jnp.dtype(float_dtype)
