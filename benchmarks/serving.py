@@ -217,7 +217,7 @@ def running(cmd: list[str], url: str, log_path: str, timeout_s: float, env=None)
 def jaxinfer_command(a, http_port: int, grpc_port: int) -> list[str]:
     return [sys.executable, "-m", "serve.launch", "--model=smollm2-135m", f"--http_port={http_port}",
             f"--grpc_port={grpc_port}", f"--max_num_seqs={a.max_num_seqs}", "--noenable_prefix_caching",
-            f"--warmup={a.jaxinfer_warmup}", "--shutdown_grace_s=5"]
+            f"--warmup={a.jaxinfer_warmup}", "--shutdown_grace_s=5", *a.jaxinfer_flag]
 
 
 def llama_server_command(a, port: int, model_path: str) -> list[str]:
@@ -267,6 +267,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--max-num-seqs", type=int, default=64, help="jaxinfer's max running sequences")
     p.add_argument("--jaxinfer-warmup", default="full", choices=["full", "decode", "none"])
+    p.add_argument("--jaxinfer-flag", action="append", default=[],
+                   help="extra flag for serve.launch, repeatable (e.g. --jaxinfer-flag=--executable_cache)")
     p.add_argument("--llama-server", default="/work/llamacpp/build/bin/llama-server")
     p.add_argument("--llama-parallel", type=int, default=16, help="llama-server --parallel slots")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="for --systems http")

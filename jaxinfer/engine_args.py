@@ -60,8 +60,10 @@ class EngineArgs:
     scheduler_policy: str = _opt(
         "continuous", "continuous batching, or static (admit a batch only when the previous one finished: a "
         "benchmark baseline)", choices=("continuous", "static"))
-    async_scheduling: bool = _opt(
-        True, "launch step N+1 before reading step N's tokens (one step in flight); off: synchronous steps")
+    async_scheduling: bool | None = _opt(
+        None, "launch step N+1 before reading step N's tokens (one step in flight); off: synchronous steps; "
+        "default: on for GPU/TPU, off on CPU, where the host's work and XLA's compute share the same cores (the "
+        "overlap bought no throughput there and cost time to first token: benchmarks/RESULTS.md, 'Serving')")
     attention_backend: str | None = _opt(None, "attention implementation; default: pallas on GPU, xla elsewhere",
                                          choices=("xla", "pallas", "pallas_interpret", "reference"))
     matmul_backend: str | None = _opt(
@@ -71,9 +73,8 @@ class EngineArgs:
     compilation_cache_dir: str | None = _opt(
         None, "persistent XLA compilation cache; default: ~/.cache/jaxinfer/xla (env JAXINFER_COMPILATION_CACHE)")
     executable_cache: bool = _opt(
-        False, "keep compiled step executables on disk (under the compilation cache dir) and load them at warm-up "
-        "instead of tracing and compiling (a restart is ready in a fraction of the time); opt-in: on XLA CPU a "
-        "loaded executable can fail with 'Function ... not found' in a process that compiled other programs first")
+        True, "keep compiled step executables on disk (under the compilation cache dir) and load them at warm-up "
+        "instead of tracing and compiling (a restart is ready in a fraction of the time)")
     background_warmup: bool = _opt(
         False, "warmup() makes only the smallest and largest token buckets ready and loads or compiles the others "
         "on a background thread while serving (each step takes the smallest ready bucket that fits)")
@@ -142,6 +143,10 @@ def _help(f: dataclasses.Field) -> str:
 
 # ------------------------------------------------------------------------------------------------ argparse
 
+def _on_off(default: bool | None) -> str:
+    return "auto" if default is None else "on" if default else "off"
+
+
 def add_argparse_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, **defaults) -> None:
     """Add one flag per EngineArgs field. `defaults` overrides a field's default for this parser (a command that
     wants e.g. `verbose=False`)."""
@@ -151,7 +156,7 @@ def add_argparse_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{f.metadata['help']} (default: {'on' if default else 'off'})")
+                                help=f"{f.metadata['help']} (default: {_on_off(default)})")
         else:
             parser.add_argument(flag, type=kind, default=default, choices=f.metadata["choices"], help=_help(f))
 

@@ -155,6 +155,8 @@ class EngineCore:
         constructor returns when process 0 is done (`is_follower`)."""
         build_start = time.perf_counter()
         self.args = args
+        self.async_scheduling = (jax.default_backend() != "cpu" if args.async_scheduling is None
+                                 else args.async_scheduling)
         cache_dir = enable_compilation_cache(args.compilation_cache_dir)
         dtype, kv_dtype = _activation_dtypes(args)
         self.config, self.plan, channel = model.config, model.plan, model.channel
@@ -328,7 +330,7 @@ class EngineCore:
         if launched is not None:
             pending = {s.seq.seq_id: PENDING_TOKEN for s in launched.sched.scheduled if s.samples}
             self.scheduler.on_step_done(launched.sched, pending)
-            if self.args.async_scheduling:
+            if self.async_scheduling:
                 self._inflight = launched
             else:
                 deltas = self._complete(launched)

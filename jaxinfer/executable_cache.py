@@ -19,6 +19,7 @@ code from the file: only point the cache at a directory you trust (your own ~/.c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -51,6 +52,33 @@ class ExecutableRecord:
     compile_s: float = 0.0  # XLA compile (a hit in JAX's persistent cache makes it a load of XLA's own entry)
     load_s: float = 0.0     # reading and deserialising our cached executable
     store_s: float = 0.0    # serialising and writing it
+
+
+@contextlib.contextmanager
+def _persistent_cache_bypassed():
+    """Compile afresh, past JAX's persistent compilation cache (and its in-memory copy of past compiles).
+
+    An XLA:CPU executable that JAX read back from its persistent cache serialises without its kernels' object
+    code: the file loads elsewhere, then its first call fails with "Function <fusion> not found". Only a freshly
+    compiled executable is complete, so that is what this cache stores. JAX reads its enable flag once per
+    process, hence the reset on both sides.
+    """
+    from jax._src import compilation_cache
+    from jax._src.interpreters import pxla
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax_log = logging.getLogger(compilation_cache.__name__)  # it logs every reset at INFO
+    level = jax_log.level
+    jax_log.setLevel(max(level, logging.WARNING))
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    pxla._cached_compilation.cache_clear()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+        jax_log.setLevel(level)
 
 
 @functools.lru_cache(maxsize=1)
@@ -198,7 +226,8 @@ class ExecutableCache:
         t1 = time.perf_counter()
         lowered = traced.lower()
         t2 = time.perf_counter()
-        compiled = lowered.compile()
+        with _persistent_cache_bypassed():
+            compiled = lowered.compile(compiler_options={})  # options given: not the lowering's memoised one
         t3 = time.perf_counter()
         self.store(key, compiled)
         t4 = time.perf_counter()

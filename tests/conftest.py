@@ -11,10 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 MULTIDEVICE = os.environ.get("JAXINFER_MULTIDEVICE") == "1"
 if MULTIDEVICE:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-# tests/isolated/ runs in a fresh process of its own (tests/test_isolated.py): serialised XLA CPU executables
-# loaded into a process that compiled others first can miss kernels ("Function ... not found").
-ISOLATED = os.environ.get("JAXINFER_ISOLATED") == "1"
-collect_ignore = [d for d, on in (("multidevice", MULTIDEVICE), ("isolated", ISOLATED)) if not on]
+collect_ignore = [] if MULTIDEVICE else ["multidevice"]
 
 
 def pytest_collection_finish(session):
@@ -123,7 +120,7 @@ def max_abs_diff(a, b) -> float:
 # tests preempt, which they must survive with identical outputs. fp32 weights (the default is bf16) so that greedy
 # tokens and logprobs can be held exactly to HF's fp32 ones.
 SMALL_ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512, num_kv_blocks=64,
-                    weight_dtype="float32")
+                    weight_dtype="float32", async_scheduling=True)  # the GPU default: one step in flight
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from jaxinfer import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def sync_llm():
-    return LLM("smollm2-135m", async_scheduling=False, **SMALL_ENGINE)
+    return LLM("smollm2-135m", **{**SMALL_ENGINE, "async_scheduling": False})
 
 
 def _mixed_workload(tokenizer):

@@ -23,7 +23,7 @@ CHANGED = dict(model="/tmp/model.gguf", tokenizer="/tmp/tok", dtype="bfloat16", 
                compilation_cache_dir="/tmp/xla", max_waiting_requests=10, max_waiting_prompt_tokens=5000,
                verbose=False, tensor_parallel_size=4, pipeline_parallel_size=2, pipeline_microbatches=3,
                coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1, background_warmup=True,
-               executable_cache=True)
+               executable_cache=False)
 
 
 def test_changed_values_cover_every_field():

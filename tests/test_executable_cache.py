@@ -173,3 +173,46 @@ def test_warm_engine_gives_the_cold_engines_tokens_and_background_warmup_serves(
     runner = llm.engine.runner
     assert runner.warm_buckets == runner.buckets and runner.num_warmup_pending == 0
     assert llm.engine.stats.snapshot().num_compilations_after_warmup == 0
+
+
+_STAGE = r'''
+import sys, jax, jax.numpy as jnp
+from jaxinfer.executable_cache import ExecutableCache
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+def gather_shift(x, idx):  # a gather and an iota: fused kernels of their own on XLA:CPU
+    return jnp.take(x * 2.0, idx, axis=0) + jnp.arange(idx.shape[0], dtype=x.dtype)[:, None]
+x, idx = jnp.arange(64 * 8, dtype=jnp.float32).reshape(64, 8), jnp.arange(16) % 5
+step = jax.jit(gather_shift)
+if sys.argv[1] == "fill-xla-cache":
+    step(x, idx).block_until_ready()
+else:
+    if sys.argv[1] == "store":
+        step(x, idx).block_until_ready()  # read back from JAX's persistent cache, and held in memory
+    cache = ExecutableCache(sys.argv[3], {})
+    compiled, record = cache.get("gather_shift", step, (x, idx))
+    print(record.source, float(compiled(x, idx).sum()), float(gather_shift(x, idx).sum()))
+'''
+
+
+def test_an_executable_stored_after_a_persistent_cache_hit_runs_in_a_new_process(tmp_path):
+    """JAX's persistent cache hands back XLA:CPU executables that serialise without their kernels; the cache
+    must store a complete one even when the same program was already read from that cache in this process.
+    Three fresh processes: fill JAX's cache; hit it, then store ours; load ours and run it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stage.py"
+    script.write_text(_STAGE)
+    xla_dir, ours = str(tmp_path / "xla"), str(tmp_path / "executables")
+    outputs = []
+    for stage in ("fill-xla-cache", "store", "load"):
+        proc = subprocess.run([sys.executable, str(script), stage, xla_dir, ours], capture_output=True, text=True,
+                              timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
+                                  os.path.abspath(__file__)))})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(proc.stdout.split())
+    assert outputs[1][0] == "compiled" and outputs[2][0] == "loaded"
+    assert outputs[2][1] == outputs[2][2] == outputs[1][2]
