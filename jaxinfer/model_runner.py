@@ -16,12 +16,14 @@ runner sends every device call's host inputs to the other processes (`channel`),
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
 import os
 import threading
 import time
+import weakref
 from functools import partial
 
 import jax
@@ -71,6 +73,17 @@ def enable_compilation_cache(path: str | None = None) -> str:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+_BACKGROUND_WARMUPS: "weakref.WeakSet[ModelRunner]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_background_warmups() -> None:
+    """A daemon thread stopped inside XLA (compiling or deserialising) at interpreter exit aborts the process
+    ("terminate called ... exception not rethrown"); let each one finish the executable it is on first."""
+    for runner in list(_BACKGROUND_WARMUPS):
+        runner.stop_warmup()
 
 
 @dataclasses.dataclass
@@ -145,6 +158,7 @@ class ModelRunner:
         self._planned: set[tuple] = set()  # executables warm-up provides (loaded now or in the background)
         self._ready_buckets: tuple[int, ...] | None = None  # while a background warm-up runs: buckets ready
         self._background: threading.Thread | None = None
+        self._stop_background = threading.Event()
         self.warmup_records: list[ExecutableRecord] = []
 
     def num_rows(self, num_tokens: int) -> int:
@@ -330,6 +344,8 @@ class ModelRunner:
         later = [(t, self._bucket_jobs(t, param_variants)) for t in buckets if t not in now]
         if later:
             self._ready_buckets = tuple(now)
+            self._stop_background.clear()
+            _BACKGROUND_WARMUPS.add(self)
             self._background = threading.Thread(target=self._provide_later, args=(later,), daemon=True,
                                                 name="jaxinfer-warmup")
             self._background.start()
@@ -365,6 +381,12 @@ class ModelRunner:
     def num_warmup_pending(self) -> int:
         """Planned executables not loaded yet (a background warm-up is still running)."""
         return sum(1 for key in self._planned if key not in self._aot)
+
+    def stop_warmup(self, timeout: float | None = None) -> bool:
+        """End a background warm-up after the executable it is on (the rest compile when first used); True when
+        none is running any more."""
+        self._stop_background.set()
+        return self.wait_for_warmup(timeout)
 
     def wait_for_warmup(self, timeout: float | None = None) -> bool:
         """Join a background warm-up; True when none is running any more."""
@@ -410,6 +432,8 @@ class ModelRunner:
         try:
             for num_tokens, jobs in later:
                 for job in jobs:
+                    if self._stop_background.is_set():
+                        return
                     self._provide(*job)
                 self._ready_buckets = tuple(sorted((*self._ready_buckets, num_tokens)))
         except Exception:  # noqa: BLE001 - the engine keeps serving; unready buckets compile on first use

@@ -8,7 +8,9 @@ permutation of output rows, which packed blocks undergo as well (columns of the 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import numpy as np
 
@@ -51,9 +53,39 @@ def shared_reader(path: str):
     stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if _shared and _shared[0][0] == stamp:
         return _shared[0][1]
-    reader = gguf.GGUFReader(path)
+    with _plain_array_mapping():
+        reader = gguf.GGUFReader(path)
     _shared[:] = [(stamp, reader)]
     return reader
+
+
+class _NumpyMappingPlainArrays:
+    """numpy, except that `memmap` hands back a plain ndarray view of the mapping (the same memory)."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def memmap(*args, **kwargs):
+        return np.memmap(*args, **kwargs).view(np.ndarray)
+
+
+_reader_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _plain_array_mapping():
+    """GGUFReader slices its np.memmap once per metadata value (about a million slices for a 49k-token vocabulary
+    and its merges), and each memmap slice runs numpy's Python-level memmap hooks: 5.4 s of a 7 s load here. The
+    same slices of a plain ndarray over the same mapping take 2.5 s, and the reader's arrays are identical."""
+    import gguf.gguf_reader as reader_module
+
+    with _reader_lock:
+        reader_module.np = _NumpyMappingPlainArrays()
+        try:
+            yield
+        finally:
+            reader_module.np = np
 
 
 def release_shared_reader() -> None:

@@ -196,11 +196,15 @@ def permute_columns(w: QuantizedWeight, order) -> QuantizedWeight:
     return dataclasses.replace(w, qweight=take(w.qweight), scales=take(w.scales), offsets=take(w.offsets))
 
 
+# One compiled expansion per weight shape, instead of a dozen op-by-op dispatches (and their compiles) per weight.
+_dequantize_jit = jax.jit(dequantize, static_argnames=("dtype", "unpermute"))
+
+
 def dequantize_params(params, dtype, head_dtype=None, head_keys=("embed", "lm_head")):
     """The weight pytree with every QuantizedWeight expanded to float (`head_dtype` for the embedding / LM head)."""
     def walk(node, key):
         if isinstance(node, QuantizedWeight):
-            return dequantize(node, head_dtype if head_dtype is not None and key in head_keys else dtype)
+            return _dequantize_jit(node, head_dtype if head_dtype is not None and key in head_keys else dtype)
         if isinstance(node, dict):
             return {k: walk(v, k) for k, v in node.items()}
         return node
