@@ -10,7 +10,7 @@ Variants (EngineArgs): "default" (quantization=None: the engine's CPU choice for
 jaxinfer.quantization.runtime), "packed" (the Q4_1 / Q8_0 blocks as stored), "int8" (layer weights re-quantized
 to int8 per channel from the file's blocks, exact weight-only formulation), "int8-w8a8" (the same weights through
 int8 x int8 dots with activations quantized per row: matmul_backend="xla_w8a8"), "bf16" / "f32" (expanded to
-float). Decode tok/s is tokens after the
+float: quantization="dequantize"). Decode tok/s is tokens after the
 first over the time after the first, streaming one greedy request of --tokens tokens (ignore_eos) after the same
 prompt; llama.cpp's is its own `timings.predicted_per_second` (2 threads, no polling, no prompt cache).
 """
@@ -32,7 +32,8 @@ sys.path.insert(0, REPO_ROOT)
 DEFAULT_SERVER = "/work/llamacpp/build/bin/llama-server"
 VARIANTS = {"default": dict(), "packed": dict(quantization="packed"), "int8": dict(quantization="int8"),
             "int8-w8a8": dict(quantization="int8", matmul_backend="xla_w8a8"),
-            "bf16": dict(weight_dtype="bfloat16"), "f32": dict(weight_dtype="float32")}
+            "bf16": dict(quantization="dequantize", weight_dtype="bfloat16"),
+            "f32": dict(quantization="dequantize", weight_dtype="float32")}
 
 
 def memory_bandwidth() -> dict:

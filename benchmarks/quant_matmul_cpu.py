@@ -1,5 +1,6 @@
-"""What XLA on this CPU offers for quantized decode: every formulation of `jaxinfer.quantization.xla_matmul` for
-each packing the engine loads, against the f32 and bf16 dots, at SmolLM2-135M's matmul shapes and M = 1..64 rows.
+"""What this CPU offers for quantized decode: every formulation of `jaxinfer.quantization.xla_matmul` (the XLA
+ones, and the native kernel `cpu_kernel` where it is built) for each packing the engine loads, against the f32
+and bf16 dots, at SmolLM2-135M's matmul shapes and M = 1..64 rows.
 
 Each cell is the median time of one matrix call, measured as a jitted chain over enough distinct copies of the
 weight (passed as arguments, never as constants) that the chain reads its weights from memory as a decode step

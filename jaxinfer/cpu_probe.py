@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -137,12 +138,19 @@ def choose_weight_dtype(config, cache_dir: str | None = None, measure=measure_we
 
 
 # ------------------------------------------------------------------------------- packed (quantized) weights
-# A packed checkpoint is run packed by default when that is at most this much slower than float weights at every
-# probed row count (it also holds 2-8x less memory). Otherwise its layer weights are re-quantized to int8 per
-# channel when *that* passes the same test (their error is a small fraction of the checkpoint's own), and only
-# then expanded to float.
+# A packed checkpoint is run packed by default when it keeps up with float weights (`keeps_up`: at most this
+# much slower in the geometric mean over the probed row counts; it also holds 2-8x less memory). Otherwise its
+# layer weights are re-quantized to int8 per channel when *that* passes the same test (their error is a small
+# fraction of the checkpoint's own), and only then expanded to float.
 PACKED_MARGIN = 1.05
 INT8_LAYOUT = ("int8", 8, "float32")  # what `transcode` produces: tag, bits, scale dtype (one group, symmetric)
+
+
+def keeps_up(ratios: dict) -> bool:
+    """Whether packed weights keep up with float ones, given {rows: packed time / float time}: the geometric mean
+    over the probed row counts is at most PACKED_MARGIN. A packing 2.5x faster at 2 rows and 7% slower at 32 keeps
+    up (it also holds several times less memory); one 3x slower at 2 rows does not, whatever it does at 32."""
+    return math.prod(ratios.values()) ** (1 / len(ratios)) <= PACKED_MARGIN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +190,7 @@ def decide_quant(seconds: dict, grouped: bool, float_bytes: int, available_bytes
     if available_bytes is not None and float_bytes > MEMORY_SHARE * available_bytes:
         return QuantChoice("packed", plan, f"float weights ({float_bytes / 2**30:.1f} GiB) would take more than "
                                            f"{MEMORY_SHARE:.0%} of available memory", seconds)
-    fits = lambda t: all(t[r] <= PACKED_MARGIN * seconds["float"][r] for r in rows)
+    fits = lambda t: keeps_up({r: t[r] / seconds["float"][r] for r in rows})
     if fits(packed):
         return QuantChoice("packed", plan, f"packed matmuls take {show(packed, best)} the float time", seconds)
     why = f"packed matmuls are slower than float ones here ({show(packed, best)} the float time)"
@@ -262,7 +270,7 @@ def choose_quant_matmul(config, packing, float_dtype: str, cache_dir: str | None
     transcode = grouped or any(v.bits != 8 for v in layouts.values())
     signature = {**cpu_signature(), "shapes": sorted(shapes.items()), "num_layers": config.num_layers,
                  "layouts": sorted((k, dataclasses.astuple(v)) for k, v in layouts.items()), "float": float_dtype,
-                 "transcode": transcode}
+                 "transcode": transcode, "cpu_kernel": _kernel_identity()}
     key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir or default_cache_dir(), "cpu_quant_matmul.json")
     entries = _read_json(path)
@@ -276,6 +284,56 @@ def choose_quant_matmul(config, packing, float_dtype: str, cache_dir: str | None
     float_bytes = jnp_itemsize(float_dtype) * config.num_params
     return dataclasses.replace(decide_quant(seconds, grouped, float_bytes, _available_memory(), w8a8),
                                cached=cached)
+
+
+def _kernel_identity():
+    from jaxinfer.native import quant_matmul_cpu
+
+    return quant_matmul_cpu.identity()
+
+
+def measure_head(hidden: int, vocab: int, layout, float_dtype: str, rows=PROBE_ROWS, runs: int = 5) -> dict:
+    """Median seconds of `[rows, hidden] @ head` with the head in `float_dtype` and packed (`layout`) through the
+    native kernel; one matrix of this size is far larger than the caches, so it reads from memory."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.native import quant_matmul_cpu
+
+    one = lambda x, w: jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    head = jnp.full((hidden, vocab), 1e-3, float_dtype)
+    out = {"float": {m: _median_seconds(jax.jit(one), jnp.ones((m, hidden)), head, runs) for m in rows}}
+    del head
+    packed = layout.zeros((hidden, vocab))
+    packed = dataclasses.replace(packed, scales=jnp.full(packed.scales.shape, 1e-3, packed.scales.dtype))
+    kernel = jax.jit(quant_matmul_cpu.quant_matmul)
+    out["cpu_kernel"] = {m: _median_seconds(kernel, jnp.ones((m, hidden)), packed, runs) for m in rows}
+    return out
+
+
+def keep_head_packed(config, layout, float_dtype: str, cache_dir: str | None = None,
+                     measure=measure_head) -> tuple[bool, str]:
+    """Whether a packed LM head (embedding, when tied) runs about as fast through the native kernel as expanded
+    to `float_dtype` on this CPU (`keeps_up` over the probed row counts; measured once per machine, cached)."""
+    from jaxinfer.native import quant_matmul_cpu
+
+    if not (quant_matmul_cpu.available()
+            and quant_matmul_cpu.supports(layout.bits, layout.group_size, config.vocab_size)):
+        return False, f"the native kernel does not run it here ({quant_matmul_cpu.status()[1]})"
+    signature = {**cpu_signature(), "hidden": config.hidden_size, "vocab": config.vocab_size,
+                 "layout": dataclasses.astuple(layout), "float": float_dtype, "cpu_kernel": _kernel_identity()}
+    key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir or default_cache_dir(), "cpu_head_matmul.json")
+    entries = _read_json(path)
+    if key in entries:
+        seconds = {f: {int(r): t for r, t in v.items()} for f, v in entries[key]["seconds"].items()}
+    else:
+        seconds = measure(config.hidden_size, config.vocab_size, layout, float_dtype)
+        entries[key] = {"signature": signature, "seconds": seconds}
+        _write_json(path, entries)
+    ratios = {r: seconds["cpu_kernel"][r] / seconds["float"][r] for r in sorted(seconds["float"])}
+    shown = ", ".join(f"{r} rows {x:.2f}x" for r, x in ratios.items())
+    return keeps_up(ratios), f"the native kernel takes {shown} the float time"
 
 
 def jnp_itemsize(dtype: str) -> int:

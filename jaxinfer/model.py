@@ -115,7 +115,7 @@ class LlamaModel(nn.Module):
             new_cache.append(kv)
         if not all_logits:
             x = x[batch.logits_indices]  # only the rows we sample from go through the LM head
-        return final_logits(w, x, c, self.axes, self.matmul_backend), tuple(new_cache)
+        return final_logits(w, x, c, self.axes, self.matmul_backend, self.quant_plan), tuple(new_cache)
 
 
 def layer_packing(packing: tuple, layer: int) -> tuple:
@@ -158,12 +158,14 @@ def embed_tokens(w: dict, token_ids, config: ModelConfig, dtype, axes: ShardAxes
     return x
 
 
-def final_logits(w: dict, x, config: ModelConfig, axes: ShardAxes = ShardAxes(), matmul_backend: str = "xla"):
+def final_logits(w: dict, x, config: ModelConfig, axes: ShardAxes = ShardAxes(), matmul_backend: str = "xla",
+                 quant_plan: QuantMatmulPlan | None = None):
     """Final norm and LM head: f32 logits [rows, V] (this shard's vocabulary slice when vocab-parallel; ids past
     a padded vocabulary's real size get -inf)."""
     x = rms_norm(x, w["final_norm"], config.rms_norm_eps)
-    # a packed head runs the "dequantize" formulation on XLA: f32 activations, exact weights
-    logits = linear(x.astype(jnp.float32), w["lm_head"], matmul_backend=matmul_backend)
+    # a packed head runs an exact formulation (f32 activations): the plan's, or "dequantize" without one
+    logits = linear(x.astype(jnp.float32), w["lm_head"], matmul_backend=matmul_backend,
+                    quant_plan=quant_plan and quant_plan.exact())
     if axes.vocab_size:
         local = logits.shape[-1]
         ids = jnp.arange(local) + (lax.axis_index(axes.vocab) * local if axes.vocab else 0)

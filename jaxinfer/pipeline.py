@@ -128,5 +128,5 @@ def pipeline_forward(model: LlamaModel, pp: int, params: dict, kv_cache, batch: 
     (kv, _, outs), _ = lax.scan(tick, init, jnp.arange(num_mb + pp - 1))
     outs = lax.psum(jnp.where(stage == last, outs, 0), PIPE).reshape(num_mb * rows, -1)
     x = outs[batch.token_index if all_logits else batch.row_index]
-    logits = final_logits(w, x, c, model.axes, model.matmul_backend)
+    logits = final_logits(w, x, c, model.axes, model.matmul_backend, model.quant_plan)
     return logits, tuple((k[None], v[None]) for k, v in kv)

@@ -71,9 +71,9 @@ def _quant_seconds(**by_candidate):
 
 
 def test_packed_weights_rule_and_plan():
-    """Packed as loaded when no slower than float (x1.05) at every probed row count, else int8 per channel when
-    that is, else float; the plan takes the fastest formulation per row count, among those that quantize
-    activations (W8A8) only when allowed."""
+    """Packed as loaded when it keeps up with float (x1.05 in the geometric mean over the probed row counts),
+    else int8 per channel when that does, else float; the plan takes the fastest formulation per row count, among
+    those that quantize activations (W8A8) only when allowed."""
     small, large = cpu_probe.PROBE_ROWS
     s = _quant_seconds(float=(10.0, 40.0), packed__dequantize=(10.2, 41.0), packed__group_int8_dot=(8.0, 60.0),
                        int8__dequantize=(20.0, 39.0), int8__int8_dot=(7.0, 50.0))
@@ -82,7 +82,7 @@ def test_packed_weights_rule_and_plan():
     w8a8 = cpu_probe.decide_quant(s, True, 10**9, 2**34, w8a8=True)
     assert w8a8.plan.grouped[0][1] == "group_int8_dot" and w8a8.plan.grouped[-1][1] == "dequantize"
     assert small <= w8a8.plan.grouped[0][0] < large  # the bound lies between the probed row counts
-    slower = {**s, "packed:dequantize": {small: 30.0, large: 45.0}}
+    slower = {**s, "packed:dequantize": {small: 30.0, large: 45.0}, "packed:group_int8_dot": {small: 12.0, large: 60.0}}
     assert cpu_probe.decide_quant(slower, True, 10**9, 2**34).action == "float"  # exact int8 is slower too
     assert cpu_probe.decide_quant(slower, True, 10**9, 2**34, w8a8=True).action == "int8"
     faster_int8 = {**slower, "int8:dequantize": {small: 9.0, large: 39.0}}
@@ -90,3 +90,41 @@ def test_packed_weights_rule_and_plan():
     # float weights that would not fit: packed whatever the speed
     choice = cpu_probe.decide_quant(slower, True, 10 * 2**30, 16 * 2**30)
     assert choice.action == "packed" and "memory" in choice.reason
+
+
+def test_a_packed_head_stays_packed_only_where_the_native_kernel_keeps_up(tmp_path, monkeypatch):
+    """The head is measured once per machine and layout (cached); kept packed when the kernel takes at most
+    x1.05 the float time in the geometric mean over the probed row counts; never when the kernel is unavailable
+    here."""
+    from jaxinfer.native import quant_matmul_cpu
+    from jaxinfer.quantization import QuantLayout
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    layout = QuantLayout(8, 32, "float16", None, False)
+    calls = []
+
+    def measure(timings):
+        def fake(hidden, vocab, layout, float_dtype):
+            calls.append((hidden, vocab))
+            return {"float": dict(zip(cpu_probe.PROBE_ROWS, (10.0, 40.0))),
+                    "cpu_kernel": dict(zip(cpu_probe.PROBE_ROWS, timings))}
+        return fake
+
+    monkeypatch.setattr(quant_matmul_cpu, "available", lambda: True)
+    monkeypatch.setattr(quant_matmul_cpu, "identity", lambda: "test")
+    keep, why = cpu_probe.keep_head_packed(config, layout, "float32", str(tmp_path), measure((3.0, 42.0)))
+    assert keep and "2 rows 0.30x" in why
+    assert cpu_probe.keep_head_packed(config, layout, "float32", str(tmp_path), measure((1.0, 1.0)))[0]  # cached
+    assert calls == [(32, 64)]
+    slow = QuantLayout(4, 32, "float16", "float16", False)
+    assert not cpu_probe.keep_head_packed(config, slow, "float32", str(tmp_path), measure((12.0, 43.0)))[0]
+    monkeypatch.setattr(quant_matmul_cpu, "available", lambda: False)
+    assert not cpu_probe.keep_head_packed(config, layout, "float32", str(tmp_path / "x"), measure((1.0, 1.0)))[0]
+
+
+def test_keeping_up_is_the_geometric_mean_over_the_probed_rows():
+    """A packing far faster at decode's few rows and a little slower at a batch keeps up; one far slower at few
+    rows does not, whatever it gains at a batch."""
+    assert cpu_probe.keeps_up({2: 0.37, 32: 1.07}) and cpu_probe.keeps_up({2: 1.05, 32: 1.05})
+    assert not cpu_probe.keeps_up({2: 3.0, 32: 0.5}) and not cpu_probe.keeps_up({2: 1.1, 32: 1.06})

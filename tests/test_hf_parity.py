@@ -72,10 +72,11 @@ def test_greedy_64_tokens_match_hf_generate(llm, hf_model, tokenizer):
 
 
 def test_bf16_engine_answers_the_quickstart_question_like_hf(hf_model, tokenizer):
-    """What `make run` prints on a CPU whose measured default is bf16 weights (AVX-512 with avx512_bf16; on
-    AVX2-only CPUs the default is f32, which test_greedy_64_tokens_match_hf_generate holds to HF): HF fp32's
-    greedy answer, token for token. Its first token is a close call ("The" leads "L" by 0.08 logits): with a
-    bf16 LM head it flipped."""
+    """What `make run` prints on a CPU whose measured float default is bf16 weights (AVX-512 with avx512_bf16,
+    where the packed GGUF is expanded if the native kernel loses there; on AVX2-only CPUs it runs packed through
+    the kernel, which test_native_quant_matmul holds to HF, or f32, which test_greedy_64_tokens_match_hf_generate
+    does): HF fp32's greedy answer, token for token. Its first token is a close call ("The" leads "L" by 0.08
+    logits): with a bf16 LM head it flipped."""
     from conftest import SMALL_ENGINE
     from jaxinfer import LLM
 

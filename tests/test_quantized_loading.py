@@ -178,8 +178,10 @@ def test_quantize_on_load_refuses_a_group_that_does_not_divide(tmp_path):
 
 
 def test_cpu_runtime_expands_a_packed_head_unless_told_to_keep_it(monkeypatch, tmp_path):
-    """On CPU a packed tied head runs far slower than a float one (docs/QUANTIZATION.md), so the default
-    expands it, exactly; quantization="packed" keeps it packed."""
+    """On CPU no XLA formulation of a packed tied head comes near a float one (docs/QUANTIZATION.md), so the
+    default expands it, exactly, unless the layers' plan runs the native kernel for the head's packing (here the
+    layers are int8 per channel and the head Q8_0-like g32, which that plan does not cover);
+    quantization="packed" keeps it packed."""
     from jaxinfer.config import ModelConfig
     from jaxinfer.loaders.common import random_params
     from jaxinfer.quantization import quantize

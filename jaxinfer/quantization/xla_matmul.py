@@ -13,6 +13,9 @@ row count); `benchmarks/quant_matmul_cpu.py` prints the full table.
   group_int8_dot  llama.cpp's scheme: activations quantized to int8 per row and group, one int32 partial dot
                   per group (a batched dot over groups), then the group scales (and offsets) applied to those
                   partials. Any group size.
+  cpu_kernel      not XLA: jaxinfer's native CPU kernel (jaxinfer.native.quant_matmul_cpu) as a custom call,
+                  codes converted to f32 in registers, f32 activations (exact, like `dequantize`). Where it is
+                  built (x86-64 with AVX2 + FMA + F16C and a C++ compiler).
 
 On XLA CPU every formulation runs under `cpu_compiler_options()`: YNNPACK's dot fusion, which takes the
 dequantization (int8 -> float convert, scale, offset) into the dot's own tiles instead of writing the float
@@ -31,7 +34,7 @@ import jax.numpy as jnp
 
 from jaxinfer.quantization.weight import QuantizedWeight, QuantLayout, unpack_codes
 
-FORMULATIONS = ("dequantize", "int8_dot", "group_int8_dot")
+FORMULATIONS = ("dequantize", "int8_dot", "group_int8_dot", "cpu_kernel")
 # These quantize the activations too (W8A8), so their outputs differ from the weight-only model's: per-row int8
 # activations raised SmolLM2-135M's WikiText-2 NLL by 1.1% over the exact int8 weights (docs/QUANTIZATION.md).
 # The engine picks them only with matmul_backend="xla_w8a8".
@@ -62,6 +65,10 @@ def applicable(formulation: str, layout: QuantLayout, k: int) -> bool:
         return layout.group_size == k
     if formulation == "group_int8_dot":
         return layout.group_size < k
+    if formulation == "cpu_kernel":
+        from jaxinfer.native import quant_matmul_cpu
+
+        return quant_matmul_cpu.supports(layout.bits, layout.group_size, 16) and quant_matmul_cpu.available()
     raise ValueError(f"unknown quantized matmul formulation {formulation!r} (known: {FORMULATIONS})")
 
 
@@ -77,6 +84,19 @@ class QuantMatmulPlan:
         table = self.per_channel if layout.group_size == k else self.grouped
         name = next((f for bound, f in table if rows <= bound), table[-1][1])
         return name if applicable(name, layout, k) else "dequantize"
+
+    def exact(self) -> "QuantMatmulPlan":
+        """This plan with the activation-quantizing formulations replaced by `dequantize` (for the LM head)."""
+        keep = lambda t: tuple((b, "dequantize" if f in ACTIVATION_QUANTIZING else f) for b, f in t)
+        return QuantMatmulPlan(keep(self.grouped), keep(self.per_channel))
+
+    def uses(self, formulation: str) -> bool:
+        return any(f == formulation for _, f in self.grouped + self.per_channel)
+
+    def always(self, formulation: str, layout: QuantLayout, k: int) -> bool:
+        """Whether a weight of this packing runs `formulation` at every row count."""
+        table = self.per_channel if layout.group_size == k else self.grouped
+        return all(self.pick(bound, layout, k) == formulation for bound, _ in table)
 
     def describe(self) -> str:
         show = lambda t: ", ".join(f"<= {b} rows: {f}" if b < 2**31 else f"above: {f}" for b, f in t)
@@ -99,6 +119,13 @@ def xla_quant_matmul(x, w: QuantizedWeight, formulation: str = "dequantize"):
         y = _int8_dot(x2.astype(jnp.float32), w)
     elif formulation == "group_int8_dot":
         y = _group_int8_dot(x2.astype(jnp.float32), w)
+    elif formulation == "cpu_kernel":
+        from jaxinfer.native import quant_matmul_cpu
+
+        if quant_matmul_cpu.supports(w.bits, w.group_size, N):
+            y = quant_matmul_cpu.quant_matmul(x2, w)
+        else:  # an output dim outside the kernel's 16-column strips
+            y = jnp.dot(x2, _dequantize_signed(w, x.dtype), preferred_element_type=jnp.float32)
     else:
         raise ValueError(f"unknown quantized matmul formulation {formulation!r} (known: {FORMULATIONS})")
     return y.astype(x.dtype).reshape(*lead, N)
