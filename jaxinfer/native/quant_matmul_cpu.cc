@@ -71,68 +71,53 @@ struct Tile {
   float* out;  // [M, N] (y itself, or a partial sum to add to it)
 };
 
-// sum_k x[m0 + r, k] * code[k, n..n+16) over the block starting at k0, for r < MR.
-template <int BITS, int MR>
-inline void AccumulateStrip(const Problem& p, int64_t m0, int64_t k0, int64_t n, __m256 (&acc)[MR][2]) {
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const float* xk = p.x + m0 * p.K + k0;
-  if constexpr (BITS == 4) {
-    const __m256i low4 = _mm256_set1_epi32(0xF);
-    const int32_t* row = static_cast<const int32_t*>(p.codes) + (k0 / 8) * p.N + n;
-    for (int64_t kw = 0; kw < p.block / 8; ++kw, row += p.N, xk += 8) {
-      __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
-      __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8));
-      for (int j = 0; j < 8; ++j) {  // nibble j of each word is row 8 * kw + j
-        const __m256 c0 = _mm256_cvtepi32_ps(_mm256_and_si256(w0, low4));
-        const __m256 c1 = _mm256_cvtepi32_ps(_mm256_and_si256(w1, low4));
-        w0 = _mm256_srli_epi32(w0, 4);
-        w1 = _mm256_srli_epi32(w1, 4);
-        for (int r = 0; r < MR; ++r) {
-          const __m256 xv = _mm256_broadcast_ss(xk + r * p.K + j);
-          acc[r][0] = _mm256_fmadd_ps(xv, c0, acc[r][0]);
-          acc[r][1] = _mm256_fmadd_ps(xv, c1, acc[r][1]);
-        }
-      }
-    }
-  } else {
-    const int8_t* row = static_cast<const int8_t*>(p.codes) + k0 * p.N + n;
-    for (int64_t k = 0; k < p.block; ++k, row += p.N) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
-      const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-      const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
-      for (int r = 0; r < MR; ++r) {
-        const __m256 xv = _mm256_broadcast_ss(xk + r * p.K + k);
-        acc[r][0] = _mm256_fmadd_ps(xv, c0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(xv, c1, acc[r][1]);
-      }
-    }
-  }
-}
-
-// Block x strip codes converted to f32 once, for batches of more than kMaxRows rows: buf[k * 16 + j].
-template <int BITS>
-inline void DecodeStrip(const Problem& p, int64_t k0, int64_t n, float* buf) {
+// Calls f(k, c0, c1) for k = 0 .. block-1 with the codes of rows k0 + k, columns [n, n + 16) as f32 (c0: the
+// first 8 columns, c1: the next 8), in row order.
+template <int BITS, typename F>
+inline void ForEachCodeRow(const Problem& p, int64_t k0, int64_t n, F&& f) {
   if constexpr (BITS == 4) {
     const __m256i low4 = _mm256_set1_epi32(0xF);
     const int32_t* row = static_cast<const int32_t*>(p.codes) + (k0 / 8) * p.N + n;
     for (int64_t kw = 0; kw < p.block / 8; ++kw, row += p.N) {
       __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
       __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8));
-      for (int j = 0; j < 8; ++j, buf += kStrip) {
-        _mm256_store_ps(buf, _mm256_cvtepi32_ps(_mm256_and_si256(w0, low4)));
-        _mm256_store_ps(buf + 8, _mm256_cvtepi32_ps(_mm256_and_si256(w1, low4)));
+      for (int j = 0; j < 8; ++j) {  // nibble j of each word is row 8 * kw + j
+        f(8 * kw + j, _mm256_cvtepi32_ps(_mm256_and_si256(w0, low4)), _mm256_cvtepi32_ps(_mm256_and_si256(w1, low4)));
         w0 = _mm256_srli_epi32(w0, 4);
         w1 = _mm256_srli_epi32(w1, 4);
       }
     }
   } else {
     const int8_t* row = static_cast<const int8_t*>(p.codes) + k0 * p.N + n;
-    for (int64_t k = 0; k < p.block; ++k, row += p.N, buf += kStrip) {
+    for (int64_t k = 0; k < p.block; ++k, row += p.N) {
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
-      _mm256_store_ps(buf, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
-      _mm256_store_ps(buf + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))));
+      f(k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))));
     }
   }
+}
+
+// acc[r] = sum_k x[m0 + r, k0 + k] * c(k) for r < MR, each code row used as it is converted.
+template <int BITS, int MR>
+inline void AccumulateStrip(const Problem& p, int64_t m0, int64_t k0, int64_t n, __m256 (&acc)[MR][2]) {
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const float* xk = p.x + m0 * p.K + k0;
+  ForEachCodeRow<BITS>(p, k0, n, [&](int64_t k, __m256 c0, __m256 c1) {
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(xk + r * p.K + k);
+      acc[r][0] = _mm256_fmadd_ps(xv, c0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xv, c1, acc[r][1]);
+    }
+  });
+}
+
+// Block x strip codes converted to f32 once, for batches of more than kMaxRows rows: buf[k * 16 + j].
+template <int BITS>
+inline void DecodeStrip(const Problem& p, int64_t k0, int64_t n, float* buf) {
+  ForEachCodeRow<BITS>(p, k0, n, [buf](int64_t k, __m256 c0, __m256 c1) {
+    _mm256_store_ps(buf + k * kStrip, c0);
+    _mm256_store_ps(buf + k * kStrip + 8, c1);
+  });
 }
 
 // AccumulateStrip's sums from decoded codes: the same FMAs in the same order, so the same bits.
