@@ -38,10 +38,8 @@ class DtypeChoice:
     cached: bool = False
 
 
-def cpu_signature() -> dict:
-    """What the choice depends on: the CPU model and its vector extensions, the core count and the JAX version."""
-    import jax
-
+def cpu_info() -> tuple[str, set]:
+    """(CPU model name, its feature flags) from /proc/cpuinfo (model from `platform` and no flags elsewhere)."""
     model, flags = platform.processor(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -53,6 +51,14 @@ def cpu_signature() -> dict:
                     flags.update(value.split())
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_signature() -> dict:
+    """What the choice depends on: the CPU model and its vector extensions, the core count and the JAX version."""
+    import jax
+
+    model, flags = cpu_info()
     return {"cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
             "flags": sorted(flags.intersection(_CPU_FLAGS)), "jax": jax.__version__}
 

@@ -81,7 +81,9 @@ def test_without_the_cpu_features_a_compiler_or_permission_it_is_unavailable(mon
     monkeypatch.setenv("JAXINFER_CPU_KERNEL", "0")
     assert quant_matmul_cpu._load() == (False, "turned off by JAXINFER_CPU_KERNEL=0")
     monkeypatch.delenv("JAXINFER_CPU_KERNEL")
-    monkeypatch.setattr(quant_matmul_cpu, "_cpu_flags", lambda: {"avx2", "sse2"})
+    from jaxinfer import cpu_probe
+
+    monkeypatch.setattr(cpu_probe, "cpu_info", lambda: ("a CPU", {"avx2", "sse2"}))
     assert quant_matmul_cpu._load() == (False, "this CPU lacks fma, f16c")
     monkeypatch.undo()
     monkeypatch.setenv("JAXINFER_CACHE_DIR", str(tmp_path))

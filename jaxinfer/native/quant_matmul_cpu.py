@@ -33,17 +33,6 @@ _lock = threading.Lock()
 _status: tuple[bool, str] | None = None  # status(), once per process
 
 
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
@@ -88,7 +77,9 @@ def status() -> tuple[bool, str]:
 def _load() -> tuple[bool, str]:
     if os.environ.get("JAXINFER_CPU_KERNEL", "1") == "0":
         return False, "turned off by JAXINFER_CPU_KERNEL=0"
-    missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
+    from jaxinfer.cpu_probe import cpu_info
+
+    missing = [f for f in _CPU_FLAGS if f not in cpu_info()[1]]
     if missing:
         return False, f"this CPU lacks {', '.join(missing)}"
     cxx = _compiler()
